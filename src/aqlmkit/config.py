@@ -1,0 +1,186 @@
+"""Configuration dataclasses shared by every layer of aqlmkit.
+
+The scheme is the contract between the engine (which produces codes/codebooks/scales),
+the nn/formats layers (which store them in the AQLM Hugging Face layout) and the kernels
+(which consume them). Everything else (calibration, fine-tuning) is a plain knob bag.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+from aqlmkit.errors import AqlmkitError
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An AQLM scheme "KxB" with in-group size g (e.g. 2x8g8 = 2 codebooks of 2^8, groups of 8).
+
+    Bit accounting follows the papers: codes cost K*B bits per g*out_group weights; codebooks
+    (fp16) and scales (``scale_nbits``, 16 = fp16 per output group) are added on top so that the
+    "average bits" we print is the true storage cost, not the headline K*B/g.
+    """
+
+    num_codebooks: int = 2
+    nbits_per_codebook: int = 8
+    in_group_size: int = 8
+    out_group_size: int = 1
+    scale_nbits: int = 16
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_codebooks <= 64:
+            raise AqlmkitError(f"num_codebooks={self.num_codebooks} is out of range: use 1..64")
+        if not 1 <= self.nbits_per_codebook <= 16:
+            raise AqlmkitError(
+                f"nbits_per_codebook={self.nbits_per_codebook} is out of range: AQLM codes are "
+                "stored as int8/int16, so use 1..16 (e.g. 1x16, 2x8)"
+            )
+        if self.in_group_size < 1 or self.out_group_size < 1:
+            raise AqlmkitError("in_group_size and out_group_size must be >= 1")
+        if self.scale_nbits not in (0, 16):
+            raise AqlmkitError("scale_nbits must be 16 (fp16 scales) or 0 (no scales)")
+
+    @property
+    def codebook_size(self) -> int:
+        return 1 << self.nbits_per_codebook
+
+    @property
+    def name(self) -> str:
+        s = f"{self.num_codebooks}x{self.nbits_per_codebook}g{self.in_group_size}"
+        return s if self.out_group_size == 1 else f"{s}o{self.out_group_size}"
+
+    @property
+    def code_dtype_bits(self) -> int:
+        """Storage width of one code: int8 for B <= 8, int16 for B <= 16 (AQLM HF layout)."""
+        return 8 if self.nbits_per_codebook <= 8 else 16
+
+    def check_shape(self, out_features: int, in_features: int, what: str = "layer") -> None:
+        if in_features % self.in_group_size:
+            raise AqlmkitError(
+                f"{what}: in_features={in_features} is not divisible by in_group_size="
+                f"{self.in_group_size}; pick a group size that divides it or skip this layer"
+            )
+        if out_features % self.out_group_size:
+            raise AqlmkitError(
+                f"{what}: out_features={out_features} is not divisible by out_group_size="
+                f"{self.out_group_size}"
+            )
+
+    def bits_per_weight(self, out_features: int, in_features: int) -> float:
+        """Average storage bits per weight of one layer, codebooks and scales included."""
+        n = out_features * in_features
+        code_bits = n / (self.in_group_size * self.out_group_size) * self.num_codebooks * self.nbits_per_codebook
+        cb_bits = self.num_codebooks * self.codebook_size * self.in_group_size * self.out_group_size * 16
+        scale_bits = (out_features // self.out_group_size) * self.scale_nbits
+        return (code_bits + cb_bits + scale_bits) / n
+
+    def to_hf(self) -> dict:
+        """The fields of transformers' AqlmConfig (quantization_config in config.json)."""
+        return {
+            "quant_method": "aqlm",
+            "nbits_per_codebook": self.nbits_per_codebook,
+            "num_codebooks": self.num_codebooks,
+            "in_group_size": self.in_group_size,
+            "out_group_size": self.out_group_size,
+        }
+
+    @classmethod
+    def from_hf(cls, qc: dict) -> "Scheme":
+        if qc.get("quant_method") != "aqlm":
+            raise AqlmkitError(
+                f"quantization_config.quant_method is {qc.get('quant_method')!r}, not 'aqlm': "
+                "this is not an AQLM checkpoint"
+            )
+        try:
+            return cls(
+                num_codebooks=int(qc["num_codebooks"]),
+                nbits_per_codebook=int(qc["nbits_per_codebook"]),
+                in_group_size=int(qc["in_group_size"]),
+                out_group_size=int(qc.get("out_group_size", 1)),
+            )
+        except KeyError as e:
+            raise AqlmkitError(f"quantization_config lacks the field {e.args[0]!r}") from None
+
+    @classmethod
+    def parse(cls, text: str) -> "Scheme":
+        """Parse "2x8g8", "1x16g16", "8x8" (g defaults to 8) or a preset name."""
+        if text in PRESETS:
+            return PRESETS[text]
+        m = re.fullmatch(r"(\d+)x(\d+)(?:g(\d+))?(?:o(\d+))?", text.strip())
+        if not m:
+            raise AqlmkitError(
+                f"bad scheme {text!r}: write KxB[gG] such as 2x8g8, 1x16g16 or 8x8g16 "
+                f"(presets: {', '.join(sorted(PRESETS))})"
+            )
+        k, b, g, o = m.groups()
+        return cls(int(k), int(b), int(g or 8), int(o or 1))
+
+
+PRESETS: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme(1, 16, 8),
+        Scheme(2, 8, 8),
+        Scheme(1, 16, 16),
+        Scheme(1, 8, 8),
+        Scheme(4, 8, 16),
+        Scheme(3, 8, 8),
+        Scheme(8, 8, 16),
+        Scheme(2, 16, 8),
+    )
+}
+
+
+@dataclass
+class LayerQuantConfig:
+    """Knobs of the per-layer AQ optimisation (engine)."""
+
+    beam_size: int = 1
+    max_epochs: int = 100
+    relative_mse_tolerance: float = 0.01
+    steps_per_epoch: int = 100
+    lr: float = 1e-4
+    init_max_iter: int = 100
+    init_max_points: int | None = 2 ** 18
+    seed: int = 0
+
+
+@dataclass
+class CalibrationConfig:
+    """Which text, how much, and in what precision the pipeline calibrates on."""
+
+    dataset: str = "default"
+    nsamples: int = 128
+    seqlen: int = 4096
+    device: str = "cpu"
+    dtype: str = "float32"
+    offload_activations: bool = False
+    skip: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    """Block / global fine-tuning knobs."""
+
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 1
+    val_fraction: float = 0.1
+    early_stop: int = 2
+    seed: int = 0
+
+
+def dataclass_from_dict(cls, data: dict):
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys with a clear error."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise AqlmkitError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+    return cls(**data)
+
+
+__all__ = [
+    "Scheme", "PRESETS", "LayerQuantConfig", "CalibrationConfig", "FinetuneConfig",
+    "dataclass_from_dict", "asdict", "field",
+]
