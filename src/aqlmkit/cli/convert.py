@@ -1,13 +1,53 @@
-"""`aqlmkit convert`."""
+"""`aqlmkit convert SRC -o DST`: validate and re-write (re-shard) an AQLM checkpoint, or dequantize it."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from aqlmkit.errors import AqlmkitError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("convert", help="convert (not yet implemented)")
+    p = sub.add_parser("convert", help="validate + re-shard an AQLM checkpoint, or --dequantize it "
+                                       "to a plain HF model")
+    p.add_argument("src", help="AQLM checkpoint folder (aqlmkit or official/transformers)")
+    p.add_argument("-o", "--output", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--shard-size", default="5GB", help="max safetensors shard size (default 5GB)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="write a plain (dense) HF model instead of an AQLM checkpoint")
+    p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="float dtype written (default: the source's, float16 with --dequantize)")
     p.set_defaults(func=run)
 
 
+def _source_dtype(raw: dict) -> str:
+    d = str(raw.get("dtype") or raw.get("torch_dtype") or "float16").replace("torch.", "")
+    return d if d in ("float16", "bfloat16", "float32") else "float16"
+
+
 def run(args) -> int:
-    raise AqlmkitError("'convert' is not yet implemented")
+    from aqlmkit.formats import safetensors_io as st
+    from aqlmkit.formats.aqlm_hf import atomic_dir, load_quantized, read_config, save_quantized
+    from aqlmkit.nn import dequantize_linears
+
+    src, dst = Path(args.src), Path(args.output)
+    if not src.is_dir():
+        raise AqlmkitError(f"{src} is not a folder: give an AQLM checkpoint folder")
+    if src.resolve() == dst.resolve():
+        raise AqlmkitError("output must differ from the source folder")
+    st.parse_size(args.shard_size)
+    raw, scheme = read_config(src)
+    dtype = args.dtype or ("float16" if args.dequantize else _source_dtype(raw))
+    model, tok = load_quantized(src, device="cpu", dtype=dtype)  # validates every tensor
+    if args.dequantize:
+        names = dequantize_linears(model)
+        del model.config.quantization_config
+        with atomic_dir(dst) as tmp:
+            model.save_pretrained(tmp, max_shard_size=args.shard_size)
+            if tok is not None:
+                tok.save_pretrained(tmp)
+        print(f"dequantized {len(names)} {scheme.name} layers -> {dst} ({dtype})")
+        return 0
+    save_quantized(model, tok, dst, scheme, card={"converted_from": src.name},
+                   max_shard_size=args.shard_size)
+    print(f"validated and re-wrote {src} -> {dst} ({scheme.name}, {dtype}, shards <= {args.shard_size})")
+    return 0

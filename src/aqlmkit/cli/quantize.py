@@ -1,13 +1,81 @@
-"""`aqlmkit quantize`."""
+"""`aqlmkit quantize`: AQLM-quantize a model (default: the embedded SmolLM2-135M) and report PPL."""
 from __future__ import annotations
 
-from aqlmkit.errors import AqlmkitError
+import argparse
+
+from aqlmkit.cli._common import add_model_args
+from aqlmkit.config import PRESETS
+
+# flag dest -> (config section, field); only flags the user gives override the config file.
+_FLAGS = {
+    "dataset": ("calibration", "dataset"), "nsamples": ("calibration", "nsamples"),
+    "seqlen": ("calibration", "seqlen"), "offload": ("calibration", "offload_activations"),
+    "seed": ("calibration", "seed"), "beam_size": ("layer", "beam_size"), "epochs": ("layer", "max_epochs"),
+    "steps_per_epoch": ("layer", "steps_per_epoch"), "lr": ("layer", "lr"),
+    "init_iters": ("layer", "init_max_iter"), "finetune_epochs": ("finetune", "epochs"),
+    "finetune_lr": ("finetune", "lr"),
+}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize (not yet implemented)")
+    p = sub.add_parser("quantize", help="AQLM-quantize a model, save it in the AQLM HF format, report PPL",
+                       description="Block-by-block AQLM calibration (resumable: rerun the same command "
+                                   "after an interruption). Defaults fit the embedded 135M model on 2 CPU "
+                                   "cores in about 15 minutes.")
+    add_model_args(p)
+    p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
+    p.add_argument("--scheme", default=None,
+                   help=f"KxB[gG], e.g. 2x8g8 (default) or a preset: {', '.join(PRESETS)}")
+    p.add_argument("--config", help="JSON file: {scheme, calibration:{...}, layer:{...}, finetune:{...}}")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--dataset", help="calibration corpus (default: the embedded default text)")
+    g.add_argument("--nsamples", type=int, help="calibration sequences (default 32)")
+    g.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 512)")
+    g.add_argument("--offload", action="store_true", default=None, help="keep activations on CPU")
+    g.add_argument("--skip", help="comma-separated linears to keep in full precision (e.g. down_proj)")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("layer optimisation (AQ)")
+    g.add_argument("--beam-size", type=int)
+    g.add_argument("--epochs", type=int, help="max AQ epochs per layer (default 4)")
+    g.add_argument("--steps-per-epoch", type=int, help="codebook Adam steps per epoch (default 20)")
+    g.add_argument("--lr", type=float, help="codebook Adam learning rate")
+    g.add_argument("--init-iters", type=int, help="k-means iterations of the codebook init (default 10)")
+    g = p.add_argument_group("block fine-tuning")
+    g.add_argument("--finetune-epochs", type=int, help="0 disables (default 2)")
+    g.add_argument("--finetune-lr", type=float)
+    g = p.add_argument_group("run")
+    g.add_argument("--work-dir", help="resume state folder (default: in the aqlmkit cache)")
+    g.add_argument("--fresh", action="store_true", help="discard a previous run's checkpoint")
+    g.add_argument("--eval-dataset", default="default")
+    g.add_argument("--eval-tokens", type=int, default=16384, help="PPL token budget (0: whole text)")
+    g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    g.add_argument("--baselines", action="store_true", help="add RTN and GPTQ rows at about the same bits")
     p.set_defaults(func=run)
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, dict]:
+    out: dict[str, dict] = {"calibration": {"device": args.device,
+                                            "dtype": "float32" if args.dtype == "auto" else args.dtype}}
+    for dest, (section, name) in _FLAGS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            out.setdefault(section, {})[name] = v
+    if args.skip is not None:
+        out["calibration"]["skip"] = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+    return out
+
+
 def run(args) -> int:
-    raise AqlmkitError("'quantize' is not yet implemented")
+    from aqlmkit.config import Scheme
+    from aqlmkit.pipeline.job import JobConfig, build_configs, format_table, load_config_file, run_job
+
+    file_cfg = load_config_file(args.config)
+    calib, layer, ft = build_configs(file_cfg, _overrides(args))
+    scheme = Scheme.parse(args.scheme or file_cfg.get("scheme", "2x8g8"))
+    job = JobConfig(scheme, calib, layer, ft, eval_dataset=args.eval_dataset,
+                    eval_tokens=args.eval_tokens or None, baselines=args.baselines)
+    rows = run_job(args.model, args.output, job, args.work_dir, fresh=args.fresh, dtype=args.dtype,
+                   evaluate=not args.no_eval)
+    print(format_table(rows))
+    print(f"saved {args.output}")
+    return 0

@@ -1,0 +1,1 @@
+"""Text for calibration and evaluation: built-in offline corpora, hub datasets, local files."""

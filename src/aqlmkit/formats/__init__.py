@@ -1,0 +1,1 @@
+"""Checkpoint formats: the AQLM Hugging Face layout, plain HF models, GGUF."""

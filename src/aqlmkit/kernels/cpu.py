@@ -1,0 +1,119 @@
+"""CPU backend: C++/OpenMP AQLM kernels exposed as ``torch.ops.aqlmkit.cpu_*_linear``.
+
+Importing this module registers the backend but compiles nothing; the extension is JIT-built on
+the first call (``-O3 -march=native``; the build cache is keyed on the CPU's feature flags, so a
+binary never runs on a CPU it was not built for). If the build fails we warn once and report
+"unsupported", so the dispatcher uses the reference path: a slow answer, never a wrong one.
+
+Path choice per call (rows = product of the leading dims of x):
+  * B <= 8, rows <= LUT_MAX_ROWS:  ``cpu_lut_linear`` (lookup tables of x . codeword)
+  * other B, rows <= GATHER_MAX_ROWS: ``cpu_gather_linear`` (per-row codeword decode + FMA)
+  * otherwise: ``cpu_dequant_linear`` (dequantize row tiles + GEMM), for prefill.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+
+import torch
+
+from aqlmkit.errors import AqlmkitError
+from aqlmkit.kernels import Backend, register_backend
+
+LUT_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_LUT_MAX_ROWS", "8"))
+GATHER_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_GATHER_MAX_ROWS", "8"))
+TILE_ELEMS = int(os.environ.get("AQLMKIT_CPU_TILE_ELEMS", str(1 << 20)))  # 4 MiB fp32 per tile
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"loaded": None}  # None: not tried; True: ok; str: failure reason
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def load() -> bool:
+    """Build/load the extension once; True when the ``torch.ops.aqlmkit.cpu_*`` ops exist."""
+    if _state["loaded"] is None:
+        with _lock:
+            if _state["loaded"] is None:
+                _state["loaded"] = _try_build()
+    return _state["loaded"] is True
+
+
+def _try_build() -> bool | str:
+    from aqlmkit.kernels._build import load_extension
+
+    try:
+        load_extension("aqlmkit_cpu", ["aqlm_cpu.cpp"], extra_cflags=CFLAGS,
+                       extra_ldflags=["-fopenmp"], is_python_module=False)
+    except AqlmkitError as e:
+        _warn_once("build", f"aqlmkit: CPU kernels unavailable, using the slow reference path: {e}")
+        return str(e)
+    _register_fakes()
+    return True
+
+
+def _fake(x, codes, codebooks, scales, bias, *rest):
+    return x.new_empty((*x.shape[:-1], codes.shape[0] * codebooks.shape[2]))
+
+
+def _register_fakes() -> None:
+    """Shape/dtype functions so torch.compile traces through the ops without graph breaks."""
+    for name in ("cpu_lut_linear", "cpu_gather_linear", "cpu_dequant_linear"):
+        try:
+            torch.library.register_fake(f"aqlmkit::{name}")(_fake)
+        except RuntimeError:  # already registered (module reloaded)
+            pass
+
+
+def supports(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
+    """CPU tensors, out_group_size 1, float inputs, no autograd (training uses the reference)."""
+    if x.device.type != "cpu" or codebooks.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad):
+        return False  # the C++ ops have no backward; the reference path is differentiable
+    if codebooks.dim() != 4 or codebooks.shape[2] != 1:
+        _warn_once("og", "aqlmkit: CPU kernels need out_group_size 1; using the reference path")
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        _warn_once(f"dt{x.dtype}", f"aqlmkit: CPU kernels do not handle {x.dtype} inputs; "
+                   "using the reference path")
+        return False
+    if codes.dtype not in (torch.int8, torch.int16) or codebooks.dtype not in (
+            torch.float32, torch.float16, torch.bfloat16):
+        _warn_once("cdt", f"aqlmkit: CPU kernels need int8/int16 codes and float codebooks, got "
+                   f"{codes.dtype}/{codebooks.dtype}; using the reference path")
+        return False
+    return load()
+
+
+def path_for(rows: int, codes: torch.Tensor, codebooks: torch.Tensor) -> str:
+    """Which op handles a call with ``rows`` input rows: 'lut', 'gather' or 'dequant'."""
+    if codebooks.shape[1] <= 256 and codes.dtype == torch.int8 and rows <= LUT_MAX_ROWS:
+        return "lut"
+    if rows <= GATHER_MAX_ROWS:
+        return "gather"
+    return "dequant"
+
+
+def run(x, codes, codebooks, scales, bias=None) -> torch.Tensor:
+    """y = x @ W^T + b; fp16/bf16 inputs are computed in fp32 and returned in their dtype."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    path = path_for(rows, codes, codebooks)
+    ops = torch.ops.aqlmkit
+    if path == "lut":
+        return ops.cpu_lut_linear(x, codes, codebooks, scales, bias)
+    if path == "gather":
+        return ops.cpu_gather_linear(x, codes, codebooks, scales, bias)
+    return ops.cpu_dequant_linear(x, codes, codebooks, scales, bias, TILE_ELEMS)
+
+
+register_backend(Backend("cpu", 10, supports, run))
+
+__all__ = ["load", "supports", "run", "path_for", "LUT_MAX_ROWS", "GATHER_MAX_ROWS"]

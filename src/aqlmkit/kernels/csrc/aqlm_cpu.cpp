@@ -1,0 +1,425 @@
+// AQLM CPU kernels registered as torch.ops.aqlmkit.* (TORCH_LIBRARY_FRAGMENT, CPU impls).
+//
+// Three paths, all computing y = x @ (scales * sum_k codebooks[k, codes[..., k]])^T + bias in fp32:
+//   lut     Kx{B<=8}, small batch: per input group, the dot products of x with every codeword
+//           (LUT [rows, groups*K, 2^B]) are built once, then each output row is a sum of
+//           G*K looked-up floats. Cost per row ~ G*K loads instead of in_features FMAs + decode.
+//   gather  any K, B (used for 1x16): per output row, decode each codeword from the codebook in
+//           its stored dtype (fp16 via F16C) and FMA it with the input slice; the 2^16 x g
+//           codebook stays in L2, so nothing is dequantized up front.
+//   dequant prefill: dequantize tiles of output rows into an fp32 buffer and call at::mm, so
+//           large batches run at GEMM speed without materializing a big layer at once.
+// Codes arrive as int8/int16 two's complement; they are masked to [0, 2^B) everywhere.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+struct Shape {
+  int64_t K, S, g, O, G, in, N;
+};
+
+Shape shape_of(const Tensor& x2, const Tensor& codes, const Tensor& codebooks) {
+  TORCH_CHECK(codebooks.dim() == 4 && codebooks.size(2) == 1,
+              "aqlmkit cpu: codebooks must be [K, 2^B, 1, g] (out_group_size 1)");
+  TORCH_CHECK(codes.dim() == 3, "aqlmkit cpu: codes must be [out, in/g, K]");
+  Shape s;
+  s.K = codebooks.size(0);
+  s.S = codebooks.size(1);
+  s.g = codebooks.size(3);
+  s.O = codes.size(0);
+  s.G = codes.size(1);
+  s.in = x2.size(1);
+  s.N = x2.size(0);
+  TORCH_CHECK(codes.size(2) == s.K, "aqlmkit cpu: codes.shape[2] != num_codebooks");
+  TORCH_CHECK(s.G * s.g == s.in, "aqlmkit cpu: in_features != groups * in_group_size");
+  TORCH_CHECK((s.S & (s.S - 1)) == 0 && s.S <= 65536, "aqlmkit cpu: codebook size must be 2^B, B<=16");
+  return s;
+}
+
+// Load 8 codebook entries as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+// Elementwise fp32 view of a small float tensor (scales, bias, codebooks) without ATen ops:
+// at decode time these calls run ~200 times per token, so a few us of dispatch each matters.
+template <typename F>
+void for_each_f32(const Tensor& t, F&& f) {
+  Tensor c = t.is_contiguous() ? t : t.contiguous();
+  const int64_t n = c.numel();
+  switch (c.scalar_type()) {
+    case at::kFloat: { const float* p = c.data_ptr<float>(); for (int64_t i = 0; i < n; ++i) f(i, p[i]); break; }
+    case at::kHalf: { const c10::Half* p = c.data_ptr<c10::Half>(); for (int64_t i = 0; i < n; ++i) f(i, static_cast<float>(p[i])); break; }
+    case at::kBFloat16: { const c10::BFloat16* p = c.data_ptr<c10::BFloat16>(); for (int64_t i = 0; i < n; ++i) f(i, static_cast<float>(p[i])); break; }
+    default: TORCH_CHECK(false, "aqlmkit cpu: scales/bias/codebooks must be float32, float16 or bfloat16");
+  }
+}
+
+// Per output row fp32 scale (scales may be fp16/bf16/fp32, [O,1,1,1]) and bias.
+std::vector<float> to_f32(const c10::optional<Tensor>& t, int64_t n, float fill) {
+  std::vector<float> v(n, fill);
+  if (t.has_value() && t->defined()) {
+    TORCH_CHECK(t->numel() == n, "aqlmkit cpu: scales/bias have ", t->numel(), " entries, expected ", n);
+    for_each_f32(*t, [&](int64_t i, float x) { v[i] = x; });
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------- lut path (B <= 8)
+
+// cbT[k][d][c] in fp32: transposed so the LUT build is a broadcast-x FMA over 2^B contiguous codes.
+Tensor transposed_codebooks(const Tensor& codebooks) {
+  const int64_t K = codebooks.size(0), S = codebooks.size(1), g = codebooks.size(3);
+  Tensor out = at::empty({K, g, S}, codebooks.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  for_each_f32(codebooks, [&](int64_t i, float x) {  // i = (k*S + c)*g + d  ->  (k*g + d)*S + c
+    const int64_t d = i % g, c = (i / g) % S, k = i / (g * S);
+    o[(k * g + d) * S + c] = x;
+  });
+  return out;
+}
+
+// One (row, group, codebook) block of the LUT: out[c] = sum_d xs[d] * cb[d*S + c]. With S a
+// multiple of 64 the 64-wide accumulators stay in registers across d (1 store per 16 codes
+// instead of one per FMA); otherwise a plain loop the compiler vectorizes.
+inline void lut_block(const float* xs, const float* cb, float* out, int64_t g, int64_t S) {
+#if defined(__AVX512F__)
+  if (S % 64 == 0) {
+    for (int64_t c0 = 0; c0 < S; c0 += 64) {
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t d = 0; d < g; ++d) {
+        const __m512 xv = _mm512_set1_ps(xs[d]);
+        const float* w = cb + d * S + c0;
+        a0 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w), a0);
+        a1 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 16), a1);
+        a2 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 32), a2);
+        a3 = _mm512_fmadd_ps(xv, _mm512_loadu_ps(w + 48), a3);
+      }
+      _mm512_storeu_ps(out + c0, a0);
+      _mm512_storeu_ps(out + c0 + 16, a1);
+      _mm512_storeu_ps(out + c0 + 32, a2);
+      _mm512_storeu_ps(out + c0 + 48, a3);
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < S; ++c) out[c] = xs[0] * cb[c];
+  for (int64_t d = 1; d < g; ++d) {
+    const float xv = xs[d];
+    const float* cbd = cb + d * S;
+#pragma omp simd
+    for (int64_t c = 0; c < S; ++c) out[c] += xv * cbd[c];
+  }
+}
+
+#if defined(__AVX512F__)
+// Four input groups at once against 64 codes: each codebook load feeds 4 FMAs, so the build is
+// FMA-bound instead of L2-bandwidth-bound (it is a [4, g] x [g, 64] GEMM micro-tile).
+inline void lut_block4(const float* const xs[4], const float* cb, float* const out[4], int64_t g,
+                       int64_t S) {
+  for (int64_t c0 = 0; c0 < S; c0 += 64) {
+    __m512 a[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) a[r][q] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < g; ++d) {
+      const float* w = cb + d * S + c0;
+      const __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+      const __m512 w2 = _mm512_loadu_ps(w + 32), w3 = _mm512_loadu_ps(w + 48);
+      for (int r = 0; r < 4; ++r) {
+        const __m512 xv = _mm512_set1_ps(xs[r][d]);
+        a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+        a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+        a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
+        a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int q = 0; q < 4; ++q) _mm512_storeu_ps(out[r] + c0 + 16 * q, a[r][q]);
+  }
+}
+#endif
+
+void build_lut(const float* x, const float* cbT, float* lut, const Shape& s) {
+  // lut[n][j][k][c] = sum_d x[n, j*g + d] * cbT[k][d][c]; t = n*G + j indexes (row, group) pairs.
+  const int64_t rowsz = s.G * s.K * s.S, T = s.N * s.G;
+  auto xs_of = [&](int64_t t) { return x + (t / s.G) * s.in + (t % s.G) * s.g; };
+  auto out_of = [&](int64_t t, int64_t k) { return lut + (t / s.G) * rowsz + ((t % s.G) * s.K + k) * s.S; };
+  at::parallel_for(0, (T + 3) / 4, 4, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t t0 = blk * 4;
+#if defined(__AVX512F__)
+      if (t0 + 4 <= T && s.S % 64 == 0) {
+        const float* xs[4] = {xs_of(t0), xs_of(t0 + 1), xs_of(t0 + 2), xs_of(t0 + 3)};
+        for (int64_t k = 0; k < s.K; ++k) {
+          float* out[4] = {out_of(t0, k), out_of(t0 + 1, k), out_of(t0 + 2, k), out_of(t0 + 3, k)};
+          lut_block4(xs, cbT + k * s.g * s.S, out, s.g, s.S);
+        }
+        continue;
+      }
+#endif
+      for (int64_t t = t0; t < std::min(T, t0 + 4); ++t)
+        for (int64_t k = 0; k < s.K; ++k) lut_block(xs_of(t), cbT + k * s.g * s.S, out_of(t, k), s.g, s.S);
+    }
+  });
+}
+
+// Sum of lut[i*S + code[i]] over i in [0, GK): the inner loop of every output row.
+inline float lut_row_sum(const uint8_t* code, const float* lut, int64_t GK, int64_t S, uint32_t mask) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const __m512i base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int>(S)));
+  const __m512i vmask = _mm512_set1_epi32(static_cast<int>(mask));
+  for (; i + 32 <= GK; i += 32) {
+    __m512i c0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(code + i)));
+    __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(code + i + 16)));
+    c0 = _mm512_add_epi32(_mm512_and_si512(c0, vmask), base);
+    c1 = _mm512_add_epi32(_mm512_and_si512(c1, vmask), base);
+    acc0 = _mm512_add_ps(acc0, _mm512_i32gather_ps(c0, lut + i * S, 4));
+    acc1 = _mm512_add_ps(acc1, _mm512_i32gather_ps(c1, lut + (i + 16) * S, 4));
+  }
+  float r = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+  float r = 0.f;
+#endif
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+  for (; i + 4 <= GK; i += 4) {
+    a0 += lut[i * S + (code[i] & mask)];
+    a1 += lut[(i + 1) * S + (code[i + 1] & mask)];
+    a2 += lut[(i + 2) * S + (code[i + 2] & mask)];
+    a3 += lut[(i + 3) * S + (code[i + 3] & mask)];
+  }
+  for (; i < GK; ++i) a0 += lut[i * S + (code[i] & mask)];
+  return r + ((a0 + a1) + (a2 + a3));
+}
+
+void lut_matmul(const float* x, const uint8_t* codes, const float* cbT, const float* scales,
+                const float* bias, float* y, const Shape& s) {
+  const int64_t GK = s.G * s.K, rowsz = GK * s.S;
+  Tensor lut_t = at::empty({s.N * rowsz}, at::kFloat);
+  float* lut = lut_t.data_ptr<float>();
+  build_lut(x, cbT, lut, s);
+  const uint32_t mask = static_cast<uint32_t>(s.S - 1);
+  at::parallel_for(0, s.O, 8, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const uint8_t* code = codes + o * GK;
+      for (int64_t n = 0; n < s.N; ++n) {
+        const float v = lut_row_sum(code, lut + n * rowsz, GK, s.S, mask);
+        y[n * s.O + o] = v * scales[o] + bias[o];
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- gather path (any B, e.g. 1x16)
+
+template <typename CB, typename CODE>
+void gather_matmul(const float* x, const CODE* codes, const CB* cb, const float* scales,
+                   const float* bias, float* y, const Shape& s) {
+  const uint32_t mask = static_cast<uint32_t>(s.S - 1);
+  const int64_t GK = s.G * s.K;
+  constexpr int64_t MAXN = 8;
+  at::parallel_for(0, s.O, 8, [&](int64_t b, int64_t e) {
+    for (int64_t o = b; o < e; ++o) {
+      const CODE* code = codes + o * GK;
+      for (int64_t n0 = 0; n0 < s.N; n0 += MAXN) {
+        const int64_t nn = std::min(MAXN, s.N - n0);
+        float out[MAXN];
+        if (s.g % 8 == 0) {
+          __m256 acc[MAXN];
+          for (int64_t n = 0; n < nn; ++n) acc[n] = _mm256_setzero_ps();
+          for (int64_t j = 0; j < s.G; ++j) {
+            for (int64_t k = 0; k < s.K; ++k) {
+              const uint32_t c = static_cast<uint32_t>(code[j * s.K + k]) & mask;
+              const CB* w = cb + (k * s.S + c) * s.g;
+              for (int64_t d = 0; d < s.g; d += 8) {
+                const __m256 wv = load8(w + d);
+                const float* xs = x + n0 * s.in + j * s.g + d;
+                for (int64_t n = 0; n < nn; ++n)
+                  acc[n] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs + n * s.in), acc[n]);
+              }
+            }
+          }
+          for (int64_t n = 0; n < nn; ++n) out[n] = hsum8(acc[n]);
+        } else {
+          for (int64_t n = 0; n < nn; ++n) out[n] = 0.f;
+          for (int64_t j = 0; j < s.G; ++j)
+            for (int64_t k = 0; k < s.K; ++k) {
+              const uint32_t c = static_cast<uint32_t>(code[j * s.K + k]) & mask;
+              const CB* w = cb + (k * s.S + c) * s.g;
+              for (int64_t n = 0; n < nn; ++n) {
+                const float* xs = x + (n0 + n) * s.in + j * s.g;
+                float a = 0.f;
+                for (int64_t d = 0; d < s.g; ++d) a += static_cast<float>(w[d]) * xs[d];
+                out[n] += a;
+              }
+            }
+        }
+        for (int64_t n = 0; n < nn; ++n) y[(n0 + n) * s.O + o] = out[n] * scales[o] + bias[o];
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- dequant + GEMM path (prefill)
+
+template <typename CODE>
+void dequant_rows(const CODE* codes, const float* cb, const float* scales, float* w, int64_t o0,
+                  int64_t rows, const Shape& s) {
+  const uint32_t mask = static_cast<uint32_t>(s.S - 1);
+  const int64_t GK = s.G * s.K;
+  at::parallel_for(0, rows, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const CODE* code = codes + (o0 + r) * GK;
+      float* wr = w + r * s.in;
+      const float sc = scales[o0 + r];
+      for (int64_t j = 0; j < s.G; ++j) {
+        float* wj = wr + j * s.g;
+        for (int64_t d = 0; d < s.g; ++d) wj[d] = 0.f;
+        for (int64_t k = 0; k < s.K; ++k) {
+          const float* cw = cb + (k * s.S + (static_cast<uint32_t>(code[j * s.K + k]) & mask)) * s.g;
+#pragma omp simd
+          for (int64_t d = 0; d < s.g; ++d) wj[d] += cw[d];
+        }
+#pragma omp simd
+        for (int64_t d = 0; d < s.g; ++d) wj[d] *= sc;
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- op entry points
+
+struct Prepared {
+  Tensor x2, out;
+  Shape s;
+  std::vector<float> scales, bias;
+};
+
+Prepared prepare(const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+                 const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && codes.device().is_cpu() && codebooks.device().is_cpu(),
+              "aqlmkit cpu kernels need CPU tensors");
+  Prepared p;
+  p.x2 = x.reshape({-1, x.size(-1)});
+  if (p.x2.scalar_type() != at::kFloat) p.x2 = p.x2.to(at::kFloat);
+  if (!p.x2.is_contiguous()) p.x2 = p.x2.contiguous();
+  p.s = shape_of(p.x2, codes, codebooks);
+  p.scales = to_f32(scales, p.s.O, 1.f);
+  p.bias = to_f32(bias, p.s.O, 0.f);
+  p.out = at::empty({p.s.N, p.s.O}, p.x2.options());
+  return p;
+}
+
+Tensor finish(const Tensor& x, Prepared& p) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = p.s.O;
+  Tensor y = x.scalar_type() == at::kFloat ? p.out : p.out.to(x.scalar_type());
+  return y.view(sizes);
+}
+
+Tensor lut_op(const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+              const c10::optional<Tensor>& bias) {
+  Prepared p = prepare(x, codes, codebooks, scales, bias);
+  TORCH_CHECK(codes.scalar_type() == at::kChar && p.s.S <= 256, "aqlmkit lut kernel needs int8 codes, B<=8");
+  Tensor c = codes.contiguous(), cbT = transposed_codebooks(codebooks);
+  if (p.s.N > 0)
+    lut_matmul(p.x2.data_ptr<float>(), reinterpret_cast<const uint8_t*>(c.data_ptr<int8_t>()),
+               cbT.data_ptr<float>(), p.scales.data(), p.bias.data(), p.out.data_ptr<float>(), p.s);
+  return finish(x, p);
+}
+
+template <typename CODE>
+void gather_dispatch(const Tensor& cb, const CODE* c, Prepared& p) {
+  const float* x = p.x2.data_ptr<float>();
+  float* y = p.out.data_ptr<float>();
+  switch (cb.scalar_type()) {
+    case at::kFloat:
+      gather_matmul(x, c, cb.data_ptr<float>(), p.scales.data(), p.bias.data(), y, p.s); break;
+    case at::kHalf:
+      gather_matmul(x, c, cb.data_ptr<c10::Half>(), p.scales.data(), p.bias.data(), y, p.s); break;
+    case at::kBFloat16:
+      gather_matmul(x, c, cb.data_ptr<c10::BFloat16>(), p.scales.data(), p.bias.data(), y, p.s); break;
+    default:
+      TORCH_CHECK(false, "aqlmkit cpu: codebooks must be float32, float16 or bfloat16");
+  }
+}
+
+Tensor gather_op(const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+                 const c10::optional<Tensor>& bias) {
+  Prepared p = prepare(x, codes, codebooks, scales, bias);
+  Tensor c = codes.contiguous(), cb = codebooks.contiguous();
+  if (p.s.N == 0) return finish(x, p);
+  if (c.scalar_type() == at::kChar)
+    gather_dispatch(cb, reinterpret_cast<const uint8_t*>(c.data_ptr<int8_t>()), p);
+  else if (c.scalar_type() == at::kShort)
+    gather_dispatch(cb, reinterpret_cast<const uint16_t*>(c.data_ptr<int16_t>()), p);
+  else
+    TORCH_CHECK(false, "aqlmkit cpu: codes must be int8 or int16");
+  return finish(x, p);
+}
+
+Tensor dequant_op(const Tensor& x, const Tensor& codes, const Tensor& codebooks, const Tensor& scales,
+                  const c10::optional<Tensor>& bias, int64_t tile_elems) {
+  Prepared p = prepare(x, codes, codebooks, scales, bias);
+  Tensor c = codes.contiguous(), cb = codebooks.to(at::kFloat).contiguous();
+  const Shape& s = p.s;
+  const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(s.O, tile_elems / std::max<int64_t>(1, s.in)));
+  Tensor w = at::empty({tile, s.in}, p.x2.options());
+  for (int64_t o0 = 0; o0 < s.O; o0 += tile) {
+    const int64_t rows = std::min(tile, s.O - o0);
+    if (c.scalar_type() == at::kChar)
+      dequant_rows(reinterpret_cast<const uint8_t*>(c.data_ptr<int8_t>()), cb.data_ptr<float>(),
+                   p.scales.data(), w.data_ptr<float>(), o0, rows, s);
+    else
+      dequant_rows(reinterpret_cast<const uint16_t*>(c.data_ptr<int16_t>()), cb.data_ptr<float>(),
+                   p.scales.data(), w.data_ptr<float>(), o0, rows, s);
+    Tensor wt = w.narrow(0, 0, rows);
+    if (rows == s.O) {
+      at::mm_out(p.out, p.x2, wt.t());
+    } else {
+      p.out.narrow(1, o0, rows).copy_(at::mm(p.x2, wt.t()));
+    }
+  }
+  if (bias.has_value() && bias->defined())
+    p.out.add_(at::from_blob(p.bias.data(), {s.O}, at::kFloat));
+  return finish(x, p);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(aqlmkit, m) {
+  m.def("cpu_lut_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("cpu_gather_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("cpu_dequant_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias, "
+        "int tile_elems) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(aqlmkit, CPU, m) {
+  m.impl("cpu_lut_linear", &lut_op);
+  m.impl("cpu_gather_linear", &gather_op);
+  m.impl("cpu_dequant_linear", &dequant_op);
+}

@@ -1,0 +1,44 @@
+// Host-visible declarations of the AQLM CUDA launchers (plain C++: included by the .cpp binding
+// and by the .cu files that instantiate them). Keeping kernels out of this header lets g++ build
+// the torch binding while nvcc only compiles light, torch-free kernel files (fast CI compiles).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime_api.h>
+
+namespace aqlmkit_cuda {
+
+// y[b, o] = scale[o] * sum_i x[b, i] * W[o, i] + bias[o]; W from codes/codebooks (AQLM layout,
+// out_group_size 1). All pointers are contiguous; dtype (fp16/bf16) is the template's DT.
+struct GemvArgs {
+  const void* x;          // [batch, in]
+  const void* codes;      // [out, in/G, K] int8 (B<=8) or int16, two's complement
+  const void* codebooks;  // [K, 2^B, 1, G]
+  const void* scales;     // [out]
+  const void* bias;       // [out] or nullptr
+  void* y;                // [batch, out]
+  int batch;
+  int in_features;
+  int out_features;
+  int num_sms;
+};
+
+struct DequantArgs {
+  const void* codes;
+  const void* codebooks;
+  const void* scales;
+  void* w;  // [out, in]
+  int out_features;
+  int in_features;
+  int num_codebooks;
+  int nbits;
+  int group;
+  int code_bytes;  // 1 or 2
+};
+
+// DT: 0 = fp16, 1 = bf16. Returns the cudaError_t of the launch.
+template <int DT, int K, int G, int LOG2NB, int BMAX>
+cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream);
+
+cudaError_t launch_dequant(const DequantArgs& a, int dt, cudaStream_t stream);
+
+}  // namespace aqlmkit_cuda

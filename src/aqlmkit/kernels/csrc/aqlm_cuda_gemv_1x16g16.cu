@@ -1,0 +1,4 @@
+// Instantiates the 1x16g16 batch-1..16 kernels (one file per scheme so ninja builds them in parallel).
+#include "aqlm_cuda_kernels.cuh"
+
+AQLMKIT_INSTANTIATE_GEMV(1,16,16)

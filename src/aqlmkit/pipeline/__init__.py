@@ -1,0 +1,1 @@
+"""Block-by-block AQLM calibration, block and global fine-tuning, PV-tuning."""

@@ -1,0 +1,102 @@
+"""Quantize one decoder block: stage by stage, then fine-tune it as a whole.
+
+Within a block the stages run in order (q/k/v, then o, then gate/up, then down): the Hessian of
+a later stage is collected with the earlier stages already quantized, so each layer learns to
+compensate its predecessors' error (AQLM paper, sec. 3.3).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from aqlmkit.config import FinetuneConfig, LayerQuantConfig, Scheme
+from aqlmkit.nn import QuantizedLinear
+from aqlmkit.pipeline.activations import block_forward, run_block
+from aqlmkit.pipeline.block_finetune import finetune_block
+from aqlmkit.pipeline.hessian import HessianAccumulator
+
+
+def quantize_linear(weight, hessian, scheme, cfg, *, name="", progress=True):
+    """Indirection to the engine, imported lazily (tests may substitute a stand-in)."""
+    from aqlmkit.engine import quantize_linear as engine_quantize
+
+    return engine_quantize(weight, hessian, scheme, cfg, name=name, progress=progress)
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr(ΔHΔᵀ)/tr(WHWᵀ): the layer-output error relative to the layer's output power."""
+    w, d, h = weight.float(), (weight.float() - approx.float()), hessian.float()
+    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
+
+
+def is_skipped(name: str, skip: Iterable[str]) -> bool:
+    """``skip`` entries match a full dotted name or its suffix ("down_proj", "layers.0.mlp.down_proj")."""
+    for s in skip:
+        s = s[: -len(".weight")] if s.endswith(".weight") else s
+        if name == s or name.endswith("." + s):
+            return True
+    return False
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+@torch.no_grad()
+def _collect(block, groups, inps, kw, device, mb, prefix) -> dict:
+    acc = HessianAccumulator(block, groups, prefix)
+    try:
+        for s in range(0, inps.shape[0], mb):
+            block_forward(block, inps[s:s + mb].to(device), kw)
+    finally:
+        hs = acc.finish({g.names: block.get_submodule(g.names[0]).in_features for g in groups})
+    return hs
+
+
+def _quantize_group(block, names, hessian, scheme, layer_cfg, prefix, tick) -> list[dict]:
+    stats = []
+    for n in names:
+        lin = block.get_submodule(n)
+        t0 = time.time()
+        w = lin.weight.detach().float()
+        qw = quantize_linear(w, hessian.to(w.device), scheme, layer_cfg, name=prefix + n, progress=False)
+        q = QuantizedLinear.from_quantized(qw, lin.bias, dtype=lin.weight.dtype).to(lin.weight.device)
+        err = relative_error(w, q.dequantize().float(), hessian.to(w.device))
+        set_submodule(block, n, q)
+        stats.append({"name": prefix + n, "rel_error": err, "seconds": round(time.time() - t0, 3),
+                      "shape": [lin.out_features, lin.in_features]})
+        tick(prefix + n, err)
+    return stats
+
+
+def quantize_block(block: nn.Module, idx: int, stages, inps: torch.Tensor, kw: dict, scheme: Scheme,
+                   layer_cfg: LayerQuantConfig, ft_cfg: FinetuneConfig, device, skip=(), micro_batch: int = 8,
+                   tick: Callable[[str, float], None] = lambda n, e: None, progress: bool = True,
+                   prefix: str = "") -> tuple[torch.Tensor, dict]:
+    """Quantize ``block`` in place; returns (inputs of the next block, stats)."""
+    t0 = time.time()
+    targets = run_block(block, inps, kw, device, micro_batch, what=f"fp block {idx}")
+    linears = []
+    for stage in stages:
+        groups = [g for g in stage if not all(is_skipped(prefix + n, skip) for n in g.names)]
+        if not groups:
+            continue
+        hs = _collect(block, groups, inps, kw, device, micro_batch, prefix)
+        for g in groups:
+            names = [n for n in g.names if not is_skipped(prefix + n, skip)]
+            h, tokens = hs[g.names]
+            for s in _quantize_group(block, names, h, scheme, layer_cfg, prefix, tick):
+                s["tokens"] = tokens
+                linears.append(s)
+    ft = finetune_block(block, inps, targets, kw, ft_cfg, device, seed=ft_cfg.seed * 100003 + idx,
+                        desc=f"block {idx}", progress=progress)
+    del targets
+    outs = run_block(block, inps, kw, device, micro_batch, what=f"quantized block {idx}")
+    stats = {"block": idx, "linears": linears, "finetune_loss_before": ft.loss_before,
+             "finetune_loss_after": ft.loss_after, "finetune_epochs": ft.epochs,
+             "seconds": round(time.time() - t0, 3)}
+    return outs, stats

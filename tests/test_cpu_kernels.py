@@ -1,0 +1,160 @@
+"""CPU kernels vs the pure-PyTorch reference on fresh random inputs (every path, odd shapes)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from aqlmkit import kernels
+from aqlmkit.config import Scheme
+from aqlmkit.kernels import cpu, reference
+
+SCHEMES = ["1x8g8", "2x8g8", "4x8g16", "8x8g16", "2x8g4", "1x16g8", "1x16g16"]
+OPS = {
+    "lut": lambda *a: torch.ops.aqlmkit.cpu_lut_linear(*a),
+    "gather": lambda *a: torch.ops.aqlmkit.cpu_gather_linear(*a),
+    "dequant": lambda *a: torch.ops.aqlmkit.cpu_dequant_linear(*a, 4096),  # tiny tiles: many tiles
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not cpu.load():
+        pytest.fail(f"CPU extension did not build: {cpu._state['loaded']}")
+
+
+def make_layer(scheme: str, out_f: int, in_f: int, cb_dtype=torch.float16, seed=0):
+    """Random AQLM layer in the HF storage layout: signed int8/int16 codes over the full range."""
+    s = Scheme.parse(scheme)
+    gen = torch.Generator().manual_seed(seed)
+    nb = s.nbits_per_codebook
+    lo, hi = (-(1 << (nb - 1)), 1 << (nb - 1)) if nb in (8, 16) else (0, 1 << nb)
+    dt = torch.int8 if nb <= 8 else torch.int16
+    codes = torch.randint(lo, hi, (out_f, in_f // s.in_group_size, s.num_codebooks), generator=gen).to(dt)
+    cb = (torch.randn(s.num_codebooks, s.codebook_size, 1, s.in_group_size, generator=gen) * 0.2).to(cb_dtype)
+    scales = (torch.rand(out_f, 1, 1, 1, generator=gen) + 0.5).to(cb_dtype)
+    bias = torch.randn(out_f, generator=gen).to(cb_dtype)
+    return codes, cb, scales, bias
+
+
+def ref32(x, codes, cb, scales, bias):
+    """Reference in fp32 (the kernels compute in fp32 whatever the input dtype)."""
+    b = None if bias is None else bias.float()
+    return reference.aqlm_linear(x.float(), codes, cb.float(), scales.float(), b)
+
+
+def check(y, x, codes, cb, scales, bias):
+    want = ref32(x, codes, cb, scales, bias)
+    assert y.dtype == x.dtype and y.shape == want.shape
+    tol = 1e-4 if x.dtype == torch.float32 else 1.6e-2
+    err = (y.float() - want).abs().max() / want.abs().max()
+    assert err < tol, f"relative max error {err:.2e}"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 64])
+def test_paths_match_reference(scheme, rows):
+    out_f, in_f = (49, 576) if rows != 64 else (192, 1536)
+    codes, cb, scales, bias = make_layer(scheme, out_f, in_f, seed=rows)
+    if codes.dtype == torch.int8 and codes.shape[-1] and Scheme.parse(scheme).nbits_per_codebook == 8:
+        assert (codes < 0).any()  # codes >= 128 stored as negative int8 must decode right
+    x = torch.randn(rows, in_f)
+    for name, op in OPS.items():
+        if name == "lut" and codes.dtype != torch.int8:
+            continue
+        check(op(x, codes, cb, scales, bias), x, codes, cb, scales, bias)
+    check(cpu.run(x, codes, cb, scales, bias), x, codes, cb, scales, bias)
+
+
+@pytest.mark.parametrize("scheme", ["2x8g8", "1x16g8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dtypes_bias_leading_dims(scheme, dtype, with_bias):
+    codes, cb, scales, bias = make_layer(scheme, 192, 576, cb_dtype=dtype if dtype != torch.float16 else torch.float32)
+    bias = bias if with_bias else None
+    for shape in [(1, 1, 576), (2, 3, 576), (2, 32, 576)]:
+        x = torch.randn(shape).to(dtype)
+        for name, op in OPS.items():
+            if name == "lut" and codes.dtype != torch.int8:
+                continue
+            check(op(x, codes, cb, scales, bias), x, codes, cb, scales, bias)
+        y = kernels.aqlm_linear(x, codes, cb, scales, bias)
+        assert kernels.select(x, codes, cb) == "cpu"
+        check(y, x, codes, cb, scales, bias)
+
+
+def test_odd_shapes_and_large_rows():
+    for out_f, in_f, scheme in [(1536, 576, "2x8g8"), (576, 1536, "8x8g16"), (7, 24, "3x8g8"), (5, 40, "1x16g8")]:
+        codes, cb, scales, bias = make_layer(scheme, out_f, in_f, cb_dtype=torch.float32)
+        for rows in (1, 5, 9):
+            x = torch.randn(rows, in_f)
+            check(cpu.run(x, codes, cb, scales, bias), x, codes, cb, scales, bias)
+
+
+def test_small_nbits_codes_are_masked():
+    """B < 8 stored in int8: the kernels index 2^B-entry codebooks exactly like the reference."""
+    codes, cb, scales, bias = make_layer("2x6g8", 33, 64, cb_dtype=torch.float32)
+    x = torch.randn(3, 64)
+    for op in OPS.values():
+        check(op(x, codes, cb, scales, bias), x, codes, cb, scales, bias)
+
+
+def test_path_choice():
+    c8, cb8, _, _ = make_layer("2x8g8", 8, 64)
+    c16, cb16, _, _ = make_layer("1x16g8", 8, 64)
+    assert cpu.path_for(1, c8, cb8) == "lut"
+    assert cpu.path_for(1, c16, cb16) == "gather"
+    assert cpu.path_for(64, c8, cb8) == "dequant"
+
+
+def test_opcheck_fake_and_schema():
+    codes, cb, scales, bias = make_layer("2x8g8", 24, 64)
+    x = torch.randn(2, 64)
+    torch.library.opcheck(torch.ops.aqlmkit.cpu_lut_linear.default, (x, codes, cb, scales, bias),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.aqlmkit.cpu_dequant_linear.default, (x, codes, cb, scales, None, 4096),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_no_graph_break():
+    codes, cb, scales, bias = make_layer("2x8g8", 64, 64, cb_dtype=torch.float32)
+    c16, cb16, s16, _ = make_layer("1x16g8", 48, 64, cb_dtype=torch.float32)
+
+    def f(x):
+        h = torch.ops.aqlmkit.cpu_lut_linear(x, codes, cb, scales, bias)
+        return torch.ops.aqlmkit.cpu_gather_linear(torch.relu(h), c16, cb16, s16, None)
+
+    x = torch.randn(1, 64)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+def test_unsupported_falls_back_to_reference():
+    """out_group_size 2 and autograd go to the (exact) reference path, with no wrong result."""
+    codes = torch.randint(-128, 128, (6, 8, 1), dtype=torch.int8)
+    cb = torch.randn(1, 256, 2, 8)
+    scales = torch.rand(6, 1, 1, 1)
+    x = torch.randn(2, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert not cpu.supports(x, codes, cb)
+        assert kernels.select(x, codes, cb) == "reference"
+    c, cb2, s, _ = make_layer("2x8g8", 8, 64, cb_dtype=torch.float32)
+    xg = torch.randn(1, 64, requires_grad=True)
+    assert not cpu.supports(xg, c, cb2)
+
+
+def test_failed_build_reports_unsupported(monkeypatch):
+    monkeypatch.setitem(cpu._state, "loaded", "compiler missing")
+    c, cb, s, _ = make_layer("2x8g8", 8, 64)
+    assert not cpu.supports(torch.randn(1, 64), c, cb)
+
+
+def test_cli_bench_microbench(capsys):
+    from aqlmkit.cli import main
+
+    assert main(["bench", "--scheme", "2x8g8", "--shape", "48x64", "--batch", "1", "9", "--iters", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "dense/aqlm" in out and " cpu " in out
+    assert main(["bench", "--shape", "48by64"]) == 2  # bad input: one-line AqlmkitError, exit 2
