@@ -27,10 +27,17 @@ GEMV_MAX_BATCH: dict[tuple[int, int, int], int] = {
     (1, 16, 8): 8,
     (1, 16, 16): 8,
 }
+# Split-K look-up-table kernel (csrc/aqlm_cuda_lut.cuh) for these (K, B, g), batch 1..4. Used by
+# default only up to LUT_MAX_BATCH[scheme], filled in from a device run that showed it correct and
+# faster (docs/NOTES_gpu.md); empty = off. AQLMKIT_CUDA_LUT=1 turns it on for batch <= 4 (=0 off).
+LUT_SCHEMES = ((2, 8, 8), (1, 8, 8))
+LUT_MAX_BATCH: dict[tuple[int, int, int], int] = {}
+_LUT_ENV = os.environ.get("AQLMKIT_CUDA_LUT", "")  # read once: keeps torch.compile tracing simple
 ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90")
 CUDA_FLAGS = ("-O3", "-std=c++17", *ARCH_FLAGS)
 SOURCES = ("aqlm_cuda.cpp", "aqlm_cuda_dequant.cu", "aqlm_cuda_gemv_2x8g8.cu",
-           "aqlm_cuda_gemv_1x8g8.cu", "aqlm_cuda_gemv_1x16g8.cu", "aqlm_cuda_gemv_1x16g16.cu")
+           "aqlm_cuda_gemv_1x8g8.cu", "aqlm_cuda_gemv_1x16g8.cu", "aqlm_cuda_gemv_1x16g16.cu",
+           "aqlm_cuda_lut_2x8g8.cu", "aqlm_cuda_lut_1x8g8.cu")
 
 _EXT: ModuleType | None = None
 _EXT_ERROR: str | None = None
@@ -85,6 +92,18 @@ def _(x, codes, codebooks, scales, bias):
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
+@torch.library.custom_op("aqlmkit::cuda_gemv_lut", mutates_args=(), device_types="cuda")
+def cuda_gemv_lut(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                  scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Split-K LUT matmul for 1x8g8/2x8g8 with int8 codes, batch 1..4; same contract as gemv."""
+    return extension().gemv_lut(x, codes, codebooks, scales, bias)
+
+
+@cuda_gemv_lut.register_fake
+def _(x, codes, codebooks, scales, bias):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
 @torch.library.custom_op("aqlmkit::cuda_dequant", mutates_args=(), device_types="cuda")
 def cuda_dequant(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Dense [out, in] weight in the codebooks' dtype, for any KxB/g with out_group_size 1."""
@@ -107,6 +126,26 @@ def use_gemv(batch: int, codebooks: torch.Tensor, in_features: int) -> bool:
     return 1 <= batch <= min(limit, 16) and in_features % 8 == 0
 
 
+def lut_applies(batch: int, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
+    """The LUT kernel can run this call (scheme, int8 codes, batch 1..4)."""
+    return (scheme_key(codebooks) in LUT_SCHEMES and codes.dtype == torch.int8
+            and 1 <= batch <= 4)
+
+
+def use_lut(batch: int, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
+    """Default choice of the LUT kernel: env override, else the measured LUT_MAX_BATCH table."""
+    if _LUT_ENV == "0" or not lut_applies(batch, codes, codebooks):
+        return False
+    return _LUT_ENV == "1" or batch <= LUT_MAX_BATCH.get(scheme_key(codebooks), 0)
+
+
+def default_path(batch: int, codes: torch.Tensor, codebooks: torch.Tensor, in_features: int) -> str:
+    """"lut" | "gemv" | "dequant": the path ``run`` takes without ``force``."""
+    if use_lut(batch, codes, codebooks):
+        return "lut"
+    return "gemv" if use_gemv(batch, codebooks, in_features) else "dequant"
+
+
 def supports(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -120,7 +159,7 @@ def supports(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> b
 
 def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
         bias: torch.Tensor | None = None, *, force: str | None = None) -> torch.Tensor:
-    """Dispatch one call. ``force`` ("gemv" | "dequant") pins a path for tests and benchmarks."""
+    """Dispatch one call. ``force`` ("gemv" | "lut" | "dequant") pins a path (tests, benchmarks)."""
     out_f, in_f = codes.shape[0], codes.shape[1] * codebooks.shape[3]
     if x.shape[-1] != in_f:
         raise AqlmkitError(f"input has {x.shape[-1]} features but the layer expects {in_f}")
@@ -129,8 +168,10 @@ def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: t
     cb = codebooks.to(x.dtype).contiguous()
     sc = scales.reshape(-1).to(x.dtype).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    path = force or ("gemv" if use_gemv(x2.shape[0], codebooks, in_f) else "dequant")
-    if path == "gemv" and x2.shape[0] > 0:
+    path = force or default_path(x2.shape[0], codes, codebooks, in_f)
+    if path == "lut" and x2.shape[0] > 0:
+        y = torch.ops.aqlmkit.cuda_gemv_lut(x2, codes.contiguous(), cb, sc, b)
+    elif path == "gemv" and x2.shape[0] > 0:
         y = torch.ops.aqlmkit.cuda_gemv(x2, codes.contiguous(), cb, sc, b)
     else:
         w = torch.ops.aqlmkit.cuda_dequant(codes.contiguous(), cb, sc)

@@ -90,14 +90,24 @@ std::vector<float> to_f32(const c10::optional<Tensor>& t, int64_t n, float fill)
 // ---------------------------------------------------------------- lut path (B <= 8)
 
 // cbT[k][d][c] in fp32: transposed so the LUT build is a broadcast-x FMA over 2^B contiguous codes.
+template <typename T>
+void transpose_into(const T* src, float* o, int64_t K, int64_t S, int64_t g) {
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t c = 0; c < S; ++c)
+      for (int64_t d = 0; d < g; ++d) o[(k * g + d) * S + c] = static_cast<float>(src[(k * S + c) * g + d]);
+}
+
 Tensor transposed_codebooks(const Tensor& codebooks) {
   const int64_t K = codebooks.size(0), S = codebooks.size(1), g = codebooks.size(3);
+  Tensor cb = codebooks.is_contiguous() ? codebooks : codebooks.contiguous();
   Tensor out = at::empty({K, g, S}, codebooks.options().dtype(at::kFloat));
   float* o = out.data_ptr<float>();
-  for_each_f32(codebooks, [&](int64_t i, float x) {  // i = (k*S + c)*g + d  ->  (k*g + d)*S + c
-    const int64_t d = i % g, c = (i / g) % S, k = i / (g * S);
-    o[(k * g + d) * S + c] = x;
-  });
+  switch (cb.scalar_type()) {
+    case at::kFloat: transpose_into(cb.data_ptr<float>(), o, K, S, g); break;
+    case at::kHalf: transpose_into(cb.data_ptr<c10::Half>(), o, K, S, g); break;
+    case at::kBFloat16: transpose_into(cb.data_ptr<c10::BFloat16>(), o, K, S, g); break;
+    default: TORCH_CHECK(false, "aqlmkit cpu: codebooks must be float32, float16 or bfloat16");
+  }
   return out;
 }
 

@@ -121,7 +121,55 @@ at::Tensor dequant(const at::Tensor& codes, const at::Tensor& codebooks, const a
   return w;
 }
 
+namespace {
+template <int DT, int K>
+cudaError_t lut_by_batch(const ac::GemvArgs& a, float* part, cudaStream_t s) {
+  if (a.batch <= 1) return ac::launch_gemv_lut<DT, K, 1>(a, part, s);
+  if (a.batch <= 2) return ac::launch_gemv_lut<DT, K, 2>(a, part, s);
+  return ac::launch_gemv_lut<DT, K, 4>(a, part, s);
+}
+}  // namespace
+
+// Split-K LUT variant of gemv (engineer G) for 1x8g8/2x8g8, batch 1..4: same contract as gemv.
+at::Tensor gemv_lut(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
+                    const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+  check_common(codes, codebooks, scales);
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "aqlmkit cuda gemv_lut: x must "
+              "be a contiguous CUDA [batch, in] tensor");
+  const int dt = dtype_tag(x);
+  TORCH_CHECK(codebooks.scalar_type() == x.scalar_type() && scales.scalar_type() == x.scalar_type(),
+              "aqlmkit cuda gemv_lut: codebooks and scales must have x's dtype");
+  const int K = int(codebooks.size(0));
+  TORCH_CHECK((K == 1 || K == 2) && codebooks.size(1) == 256 && codebooks.size(3) == 8 &&
+              codes.scalar_type() == at::kChar, "aqlmkit cuda gemv_lut: only 1x8g8/2x8g8 with "
+              "int8 codes (use gemv or dequant)");
+  const int64_t batch = x.size(0), in = x.size(1), out = codes.size(0);
+  TORCH_CHECK(batch >= 1 && batch <= 4, "aqlmkit cuda gemv_lut: batch must be 1..4, got ", batch);
+  TORCH_CHECK(in == codes.size(1) * 8, "aqlmkit cuda gemv_lut: in_features mismatch");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+              reinterpret_cast<uintptr_t>(codebooks.data_ptr()) % 16 == 0,
+              "aqlmkit cuda gemv_lut: x and codebooks must be 16-byte aligned");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty({batch, out}, x.options());
+  if (out == 0) return y;
+  const at::Tensor* b = bias.has_value() && bias->defined() ? &*bias : nullptr;
+  if (b) TORCH_CHECK(b->is_cuda() && b->is_contiguous() && b->numel() == out &&
+                     b->scalar_type() == x.scalar_type(), "aqlmkit cuda gemv_lut: bad bias");
+  const int nsplits = ac::lut_num_splits(int(in), K, int(batch));
+  auto part = at::empty({int64_t(nsplits) * batch * out}, x.options().dtype(at::kFloat));
+  ac::GemvArgs a{x.data_ptr(), codes.data_ptr(), codebooks.data_ptr(), scales.data_ptr(),
+                 b ? b->data_ptr() : nullptr, y.data_ptr(), int(batch), int(in), int(out),
+                 num_sms(x.get_device())};
+  cudaStream_t s = c10::cuda::getCurrentCUDAStream();
+  float* p = part.data_ptr<float>();
+  const cudaError_t err = dt == 0 ? (K == 2 ? lut_by_batch<0, 2>(a, p, s) : lut_by_batch<0, 1>(a, p, s))
+                                  : (K == 2 ? lut_by_batch<1, 2>(a, p, s) : lut_by_batch<1, 1>(a, p, s));
+  TORCH_CHECK(err == cudaSuccess, "aqlmkit cuda gemv_lut launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "AQLM matmul for batch 1..16 (fp16/bf16)");
+  m.def("gemv_lut", &gemv_lut, "split-K LUT AQLM matmul for 1x8g8/2x8g8, batch 1..4");
   m.def("dequant", &dequant, "AQLM dequantization to a dense [out, in] weight");
 }

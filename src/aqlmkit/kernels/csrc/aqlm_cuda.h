@@ -41,4 +41,16 @@ cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream);
 
 cudaError_t launch_dequant(const DequantArgs& a, int dt, cudaStream_t stream);
 
+// Split-K LUT kernel (engineer G; aqlm_cuda_lut.cuh) for Kx8 with in_group_size 8, batch 1..4.
+// Code bytes per row per split: the LUT holds slice_bytes*256 entries of BMAX floats (64 KB).
+constexpr int lut_slice_bytes(int bmax) { return bmax <= 1 ? 64 : bmax <= 2 ? 32 : 16; }
+constexpr int lut_bmax(int batch) { return batch <= 1 ? 1 : batch <= 2 ? 2 : 4; }
+inline int lut_num_splits(int in_features, int K, int batch) {
+  const int cb = lut_slice_bytes(lut_bmax(batch));
+  return (in_features / 8 * K + cb - 1) / cb;
+}
+// part: fp32 workspace of lut_num_splits(...) * batch * out_features floats (fully overwritten).
+template <int DT, int K, int BMAX>
+cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream);
+
 }  // namespace aqlmkit_cuda
