@@ -4,6 +4,8 @@ Every timing replays a CUDA graph that calls the op once per weight copy; enough
 that weights stream from HBM (> 4x L2), as in a real decode step. All three are measured in the
 same run. Prints the ratio table and writes benchmarks/results/<date>_<device>_gpu_kernels.json.
 Usage: PYTHONPATH=src python benchmarks/gpu_kernels.py [--quick] [--out DIR]
+       [--schemes 2x8g8,1x8g8] [--batches 1,4] [--shapes 4096x4096,28672x8192] [--tag lut]
+(us_lut: the split-K LUT kernel, timed wherever it applies: 1x8g8/2x8g8, batch <= 4.)
 """
 from __future__ import annotations
 
@@ -90,6 +92,10 @@ def bench_shape(out_f, in_f, schemes, batches, official, fp16_cache):
             err = ((y0.float() - want).norm() / want.norm()).item()
             t = {"us": time_graph([lambda L=L: kc.run(x, *L) for L in layers])}
             t["us_gemv"] = time_graph([lambda L=L: kc.run(x, *L, force="gemv") for L in layers])
+            if kc.lut_applies(batch, layers[0][0], layers[0][1]):
+                y1 = kc.run(x, *layers[0], force="lut")
+                t["lut_rel_err"] = ((y1.float() - want).norm() / want.norm()).item()
+                t["us_lut"] = time_graph([lambda L=L: kc.run(x, *L, force="lut") for L in layers])
             t["us_dequant_cublas"] = time_graph([lambda L=L: kc.run(x, *L, force="dequant")
                                                  for L in layers])
             if official is not None:
@@ -108,7 +114,9 @@ def bench_shape(out_f, in_f, schemes, batches, official, fp16_cache):
             row = {"shape": f"{out_f}x{in_f}", "scheme": scheme, "batch": batch, **t,
                    "us_fp16": us16, "speedup_vs_fp16": us16 / t["us"],
                    "speedup_vs_official": (t["us_official"] / t["us"]) if "us_official" in t else None,
-                   "path": "gemv" if kc.use_gemv(batch, layers[0][1], in_f) else "dequant",
+                   "speedup_lut_vs_fp16": (us16 / t["us_lut"]) if "us_lut" in t else None,
+                   "speedup_lut_vs_gemv": (t["us_gemv"] / t["us_lut"]) if "us_lut" in t else None,
+                   "path": kc.default_path(batch, layers[0][0], layers[0][1], in_f),
                    "rel_err": err}
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items()), flush=True)
@@ -122,24 +130,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="first two shapes only")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--schemes", default=",".join(SCHEMES), help="comma list, e.g. 2x8g8,1x8g8")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma list, e.g. 1,4")
+    ap.add_argument("--shapes", default="", help="comma list OUTxIN (default: all / --quick)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON name (keeps earlier results)")
     args = ap.parse_args()
+    schemes = [s for s in args.schemes.split(",") if s]
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown:
+        ap.error(f"unknown schemes {unknown}; choose from {list(SCHEMES)}")
+    batches = [int(b) for b in args.batches.split(",") if b]
+    shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",") if s]
+              or (SHAPES[:2] if args.quick else SHAPES))
     torch.manual_seed(0)
     official = official_kernels()
     kc.extension()
     rows, cache = [], {}
-    for out_f, in_f in SHAPES[:2] if args.quick else SHAPES:
-        rows += bench_shape(out_f, in_f, list(SCHEMES), BATCHES, official, cache)
+    for out_f, in_f in shapes:
+        rows += bench_shape(out_f, in_f, schemes, batches, official, cache)
     name = torch.cuda.get_device_name(0)
     date = dt.date.today().isoformat()
     print(f"\n{'shape':>12} {'scheme':>8} {'b':>3} {'us':>8} {'gemv':>8} {'dq+mm':>8} {'fp16':>8} "
-          f"{'official':>8} {'x fp16':>7} {'x off':>6}")
+          f"{'official':>8} {'x fp16':>7} {'x off':>6} {'lut':>8} {'lut/16':>7}")
     for r in rows:
         off = r.get("us_official")
         print(f"{r['shape']:>12} {r['scheme']:>8} {r['batch']:>3} {r['us']:8.1f} {r['us_gemv']:8.1f} "
               f"{r['us_dequant_cublas']:8.1f} {r['us_fp16']:8.1f} {off or float('nan'):8.1f} "
-              f"{r['speedup_vs_fp16']:7.2f} {r['speedup_vs_official'] or float('nan'):6.2f}")
+              f"{r['speedup_vs_fp16']:7.2f} {r['speedup_vs_official'] or float('nan'):6.2f} "
+              f"{r.get('us_lut', float('nan')):8.1f} {r['speedup_lut_vs_fp16'] or float('nan'):7.2f}")
     dev = name.replace(" ", "_")
-    out = Path(args.out) / f"{date}_{dev}_gpu_kernels.json"
+    tag = f"_{args.tag}" if args.tag else ""
+    out = Path(args.out) / f"{date}_{dev}_gpu_kernels{tag}.json"
     atomic_save_json(out, {"device": name, "date": date, "rows": rows})
     print(f"wrote {out}")
 

@@ -36,7 +36,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--schemes", default="1x8g8,2x8g8,3x8g8")
     p.add_argument("--bits", default="2,3,4", help="RTN/GPTQ bit widths")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=2048)

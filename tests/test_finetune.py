@@ -25,8 +25,8 @@ def pair(tmp_path_factory):
     from conftest import tiny_model
 
     teacher = tiny_model("llama", num_hidden_layers=2)
-    ids = torch.randint(0, 512, (6, 24), generator=torch.Generator().manual_seed(0))
-    calib, _, ft = fast_configs(nsamples=6, seqlen=24, epochs=0)
+    ids = torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(0))
+    calib, _, ft = fast_configs(nsamples=4, seqlen=24, epochs=0)
     layer = LayerQuantConfig(max_epochs=1, steps_per_epoch=1, init_max_iter=2)
     student = quantize_model(copy.deepcopy(teacher), None, "1x4g8", calib, layer, ft,
                              tmp_path_factory.mktemp("wd"), calibration_data=ids, progress=False)
@@ -47,7 +47,7 @@ def test_kl_falls_and_codes_stay_without_v_step(pair):
 
 def test_v_step_lowers_kl_beyond_p_step(pair):
     teacher, student, ids = pair
-    cfg = FinetuneConfig(epochs=3, lr=1e-3, batch_size=2)
+    cfg = FinetuneConfig(epochs=2, lr=1e-3, batch_size=2)
     p_only, pv = copy.deepcopy(student), copy.deepcopy(student)
     st_p = finetune_global(p_only, teacher, ids, cfg, progress=False)
     st_pv = finetune_global(pv, teacher, ids, cfg, v_step=VStepConfig(lr=0.3, max_change=0.1, every=1),

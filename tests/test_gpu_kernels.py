@@ -143,3 +143,62 @@ def test_torch_compile_reduce_overhead():
         y = cf(x).clone()
         want = torch.nn.functional.silu(ref32(x, *layer))
         check(y, want, torch.float16)
+
+
+# --- split-K LUT kernel (engineer G): 1x8g8/2x8g8, batch 1..4 -----------------------------------
+LUT_SHAPES = SHAPES + [(700, 2048), (333, 1544)]  # 1544/8 = 193 groups: ragged last split
+
+
+@pytest.mark.parametrize("scheme", ["2x8g8", "1x8g8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lut_kernel_matches_reference(scheme, dtype):
+    from aqlmkit.kernels import cuda as kc
+
+    for si, (out_f, in_f) in enumerate(LUT_SHAPES):
+        for batch in (1, 2, 3, 4):
+            layer = make_layer(scheme, out_f, in_f, dtype, seed=31 * si + batch,
+                               bias=(si + batch) % 2 == 0)
+            x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+            y = kc.run(x, *layer, force="lut")
+            check(y, ref32(x, *layer), dtype)
+
+
+def test_lut_unaligned_codes_and_determinism():
+    """Codes at an odd address take the guarded byte loads; repeated calls agree bit for bit."""
+    from aqlmkit.kernels import cuda as kc
+
+    codes, cb, sc, bias = make_layer("2x8g8", 520, 1024, torch.float16, seed=9, bias=True)
+    store = torch.empty(codes.numel() + 1, device="cuda", dtype=torch.int8)
+    odd = store[1:].view(codes.shape)
+    odd.copy_(codes)
+    assert odd.data_ptr() % 16 != 0 and odd.is_contiguous()
+    x = torch.randn(3, 1024, device="cuda", dtype=torch.float16)
+    y1 = kc.run(x, odd, cb, sc, bias, force="lut")
+    y2 = kc.run(x, codes, cb, sc, bias, force="lut")
+    check(y1, ref32(x, codes, cb, sc, bias), torch.float16)
+    assert torch.equal(y1, y2) and torch.equal(y2, kc.run(x, codes, cb, sc, bias, force="lut"))
+
+
+def test_lut_dispatch_and_graph_capture(monkeypatch):
+    """With the LUT enabled in the table, run() picks it for b <= 4 only; it captures in a graph."""
+    from aqlmkit.kernels import cuda as kc
+
+    layer = make_layer("2x8g8", 576, 1536, torch.float16, seed=21, bias=True)
+    monkeypatch.setattr(kc, "LUT_MAX_BATCH", {(2, 8, 8): 4})
+    monkeypatch.setattr(kc, "_LUT_ENV", "")
+    assert kc.default_path(4, layer[0], layer[1], 1536) == "lut"
+    assert kc.default_path(5, layer[0], layer[1], 1536) == "gemv"
+    assert not kc.lut_applies(1, layer[0].to(torch.int16), layer[1])
+    x = torch.randn(2, 1536, device="cuda", dtype=torch.float16)
+    kc.run(x, *layer)  # warm-up outside capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s), torch.cuda.graph(graph):
+        out = kc.run(x, *layer)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        check(out, ref32(x, *layer), torch.float16)

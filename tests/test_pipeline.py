@@ -165,3 +165,20 @@ def test_quantize_on_cuda_matches_cpu_quality(make_tiny_model, tmp_path):
         with torch.no_grad():
             results[device] = _rel(model.cpu()(ids).logits, fp(ids).logits)
     assert results["cuda"] < 2 * results["cpu"] + 1e-3
+
+
+def test_rtn_and_gptq_baselines_through_the_harness(make_tiny_model):
+    from aqlmkit.pipeline.baselines import baseline_bits, gptq_model, rtn_model
+
+    model = make_tiny_model("llama")
+    ev = _ids(4, 32, seed=1)
+    with torch.no_grad():
+        ref = model(ev).logits
+        err = {}
+        for bits in (2, 4):
+            for name, fn in (("rtn", lambda m: rtn_model(m, bits, 32)),
+                             ("gptq", lambda m: gptq_model(m, _ids(8, 32), bits, 32))):
+                err[name, bits] = _rel(fn(copy.deepcopy(model))(ev).logits, ref)
+    assert err["gptq", 2] < err["rtn", 2] and err["gptq", 4] < err["rtn", 4]
+    assert err["rtn", 4] < err["rtn", 2] and 0 < err["gptq", 4]
+    assert baseline_bits(2, 128) == 2.25

@@ -133,3 +133,19 @@ def test_zeroshot_unknown_task_and_bad_args(tiny_tokenizer, task_dir):
         zeroshot.evaluate(torch.nn.Linear(1, 1), tiny_tokenizer, [" "])
     with pytest.raises(AqlmkitError, match="not a folder"):
         zeroshot.evaluate(torch.nn.Linear(1, 1), tiny_tokenizer, [TASK], include_path=d / "nope")
+
+
+def test_cli_eval_tasks_prints_table(tiny_llama_dir, task_dir, tmp_path, capsys):
+    from aqlmkit.cli import main
+
+    d, rows = task_dir
+    rc = main(["eval", "--model", str(tiny_llama_dir), "--tasks", TASK, "--include-path", str(d),
+               "--limit", "4", "--report", str(tmp_path / "z")])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    line = next(ln for ln in out.splitlines() if ln.startswith(TASK))
+    assert line.split()[-1] == "4"  # samples column honours --limit
+    assert json.loads((tmp_path / "z.json").read_text())["results"][TASK]["samples"] == 4
+    rc = main(["eval", "--model", str(tiny_llama_dir), "--tasks", "no_such_task_xyz",
+               "--include-path", str(d)])
+    assert rc == 2 and "unknown lm-eval task" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """`aqlmkit eval`: perplexity of a model on a corpus (papers' protocol)."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from aqlmkit.cli._common import add_model_args
@@ -19,10 +20,13 @@ def register(sub) -> None:
     p.add_argument("--limit-tokens", type=int, default=None,
                    help="evaluate only the first N tokens of the eval text")
     p.add_argument("--report", default=None, help="write REPORT.json with the numbers")
+    _add_zeroshot_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    if getattr(args, "tasks", None):
+        return _run_zeroshot(args)
     from aqlmkit.data.corpora import load_corpus
     from aqlmkit.eval.perplexity import perplexity
     from aqlmkit.formats.loading import resolve_device
@@ -51,4 +55,49 @@ def run(args) -> int:
                 "seconds": res.seconds, "tokens_per_s": res.tokens / max(res.seconds, 1e-9)}
         paths = save_report(args.report, data)
         print(f"report: {paths[0]}", file=sys.stderr)
+    return 0
+
+
+# --- zero-shot accuracy through lm-eval (engineer H): `--tasks` switches eval from perplexity ---
+
+def _limit(text: str) -> int | float:
+    """lm-eval's --limit: a count of examples per task, or a fraction below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {text!r})") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
+def _add_zeroshot_args(p) -> None:
+    g = p.add_argument_group("zero-shot accuracy (lm-eval); --tasks replaces perplexity")
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated lm-eval tasks, e.g. arc_easy,arc_challenge,piqa,"
+                        "winogrande,hellaswag (hub datasets: need them cached or online)")
+    g.add_argument("--num-fewshot", type=int, default=0, help="in-context examples (default 0)")
+    g.add_argument("--limit", type=_limit, default=None,
+                   help="only the first N examples per task (or a fraction < 1)")
+    g.add_argument("--include-path", default=None,
+                   help="folder of extra lm-eval task YAMLs (e.g. local jsonl data for offline use)")
+
+
+def _run_zeroshot(args) -> int:
+    from aqlmkit.eval.zeroshot import check_tasks, evaluate, format_table
+    from aqlmkit.formats.loading import load_model, resolve_device
+
+    resolve_device(args.device)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise AqlmkitError("--tasks is empty; pass e.g. --tasks arc_easy,piqa")
+    check_tasks(tasks, args.include_path)  # unknown names fail before the model loads
+    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
+    metrics = evaluate(model, tok, tasks, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size, limit=args.limit,
+                       include_path=args.include_path, report=args.report)
+    print(f"model: {args.model}  num_fewshot: {args.num_fewshot}  "
+          f"dtype: {next(model.parameters()).dtype}")
+    print(format_table(metrics))
+    if args.report:
+        stem = args.report[:-5] if args.report.endswith(".json") else args.report
+        print(f"report: {stem}.json", file=sys.stderr)
     return 0

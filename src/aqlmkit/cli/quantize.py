@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--config", help="JSON file: {scheme, calibration:{...}, layer:{...}, finetune:{...}}")
     g = p.add_argument_group("calibration")
     g.add_argument("--dataset", help="calibration corpus (default: the embedded default text)")
-    g.add_argument("--nsamples", type=int, help="calibration sequences (default 32)")
+    g.add_argument("--nsamples", type=int, help="calibration sequences (default 16)")
     g.add_argument("--seqlen", type=int, help="tokens per calibration sequence (default 512)")
     g.add_argument("--offload", action="store_true", default=None, help="keep activations on CPU")
     g.add_argument("--skip", help="comma-separated linears to keep in full precision (e.g. down_proj)")

@@ -79,21 +79,31 @@ def _unknown_error(name: str, known: set[str], include_path) -> AqlmkitError:
                         f"For your own task, {_DOC}")
 
 
-def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
-    """A TaskManager that knows every name in ``tasks``, or AqlmkitError for the unknown ones."""
+def check_tasks(tasks: Sequence[str], include_path: str | Path | None = None):
+    """Fail fast on unknown task names (before any model is loaded); returns the include_path-only
+    TaskManager when that folder defines every task, else None (the full index is needed)."""
     TaskManager = _import_lm_eval()
+    local = None
     if include_path is not None:
         if not Path(include_path).is_dir():
             raise AqlmkitError(f"--include-path {include_path} is not a folder of task YAMLs")
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
-    known = _default_task_names(TaskManager)
-    if include_path is not None:
-        known |= set(local.all_tasks)
+    known = _default_task_names(TaskManager) | set(local.all_tasks if local else ())
     for name in tasks:
         if name not in known:
             raise _unknown_error(name, known, include_path)
+    return None
+
+
+def task_manager(tasks: Sequence[str], include_path: str | Path | None = None):
+    """A TaskManager that knows every name in ``tasks``, or AqlmkitError for the unknown ones."""
+    local = check_tasks(tasks, include_path)
+    if local is not None:
+        return local
+    from lm_eval.tasks import TaskManager
+
     return TaskManager(include_path=str(include_path) if include_path else None)
 
 

@@ -29,6 +29,11 @@ class Backend:
     priority: int  # higher wins
     supports: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], bool]
     run: Run
+    # Optional per-layer precompute: ``pack(codes, codebooks, scales, bias)`` returns operands
+    # that ``run_packed(packed, x, codes, codebooks, scales, bias)`` uses instead of redoing
+    # layout/dtype work on every call (see :func:`aqlm_linear_cached`).
+    pack: Callable[..., object] | None = None
+    run_packed: Run | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -36,8 +41,12 @@ _LOADED = False
 _BACKEND_MODULES = ("aqlmkit.kernels.cpu", "aqlmkit.kernels.cuda")
 
 
+_SELECTED: dict[tuple, str] = {}  # select() answers; depend only on the key's properties
+
+
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
+    _SELECTED.clear()
 
 
 def _load_backends() -> None:
@@ -59,8 +68,26 @@ def backends() -> list[Backend]:
 
 
 def select(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> str:
-    """Name of the backend that will run this call."""
+    """Name of the backend that will run this call.
+
+    Cached on everything a backend's ``supports`` looks at (devices, dtypes, codebook shape,
+    whether autograd is needed, AQLMKIT_KERNEL): at batch-1 decode this runs ~200 times per token
+    and sorting/probing the backends each time cost more than a small layer's kernel.
+    """
     forced = os.environ.get("AQLMKIT_KERNEL", "")
+    if torch.compiler.is_compiling():
+        return _select(x, codes, codebooks, forced)
+    grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
+    key = (forced, x.device, x.dtype, codes.dtype, codebooks.dtype, codebooks.device,
+           tuple(codebooks.shape), grad)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _select(x, codes, codebooks, forced)
+        _SELECTED[key] = name
+    return name
+
+
+def _select(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, forced: str) -> str:
     if forced == "reference":
         return "reference"
     for b in backends():
@@ -90,4 +117,37 @@ def aqlm_linear(
     return _BACKENDS[name].run(x, codes, codebooks, scales, bias)
 
 
-__all__ = ["Backend", "register_backend", "backends", "select", "aqlm_linear", "reference"]
+def _version_key(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.data_ptr(), t._version, t.dtype)
+
+
+def aqlm_linear_cached(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    codebooks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None,
+    cache: dict,
+) -> torch.Tensor:
+    """:func:`aqlm_linear` that keeps the backend's packed operands for this layer in ``cache``.
+
+    The pack is keyed on the parameters' storage and version counters, so moving a layer,
+    loading a state dict or editing the tensors in place repacks instead of using stale data.
+    Not for tracing: compiled code should call :func:`aqlm_linear`.
+    """
+    name = select(x, codes, codebooks)
+    if name == "reference":
+        return reference.aqlm_linear(x, codes, codebooks, scales, bias)
+    backend = _BACKENDS[name]
+    if backend.pack is None or backend.run_packed is None:
+        return backend.run(x, codes, codebooks, scales, bias)
+    key = (_version_key(codes), _version_key(codebooks), _version_key(scales), _version_key(bias))
+    entry = cache.get(name)
+    if entry is None or entry[0] != key:
+        entry = (key, backend.pack(codes, codebooks, scales, bias))
+        cache[name] = entry
+    return backend.run_packed(entry[1], x, codes, codebooks, scales, bias)
+
+
+__all__ = ["Backend", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",
+           "reference"]

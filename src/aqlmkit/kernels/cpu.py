@@ -63,11 +63,17 @@ def _fake(x, codes, codebooks, scales, bias, *rest):
     return x.new_empty((*x.shape[:-1], codes.shape[0] * codebooks.shape[2]))
 
 
+def _fake_packed(x, codes_t, cb_t, scales, bias):
+    return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
+
+
 def _register_fakes() -> None:
     """Shape/dtype functions so torch.compile traces through the ops without graph breaks."""
-    for name in ("cpu_lut_linear", "cpu_gather_linear", "cpu_dequant_linear"):
+    fakes = {"cpu_lut_linear": _fake, "cpu_gather_linear": _fake, "cpu_dequant_linear": _fake,
+             "cpu_lut_packed_linear": _fake_packed}
+    for name, fn in fakes.items():
         try:
-            torch.library.register_fake(f"aqlmkit::{name}")(_fake)
+            torch.library.register_fake(f"aqlmkit::{name}")(fn)
         except RuntimeError:  # already registered (module reloaded)
             pass
 
@@ -114,6 +120,31 @@ def run(x, codes, codebooks, scales, bias=None) -> torch.Tensor:
     return ops.cpu_dequant_linear(x, codes, codebooks, scales, bias, TILE_ELEMS)
 
 
-register_backend(Backend("cpu", 10, supports, run))
+def pack(codes, codebooks, scales, bias=None) -> tuple | None:
+    """Per-layer operands of the decode LUT kernel, computed once (``None``: no packed path).
 
-__all__ = ["load", "supports", "run", "path_for", "LUT_MAX_ROWS", "GATHER_MAX_ROWS"]
+    Codes are transposed to [G*K, O] so 16 output rows share one vector gather, codebooks to fp32
+    [K, g, 2^B] so the table build is a broadcast FMA, scales/bias to flat fp32. Doing this once per
+    layer instead of per call removes the reshapes, casts and copies from the batch-1 hot path.
+    """
+    if codes.dtype != torch.int8 or codebooks.shape[1] > 256:
+        return None
+    o, g_, k = codes.shape
+    with torch.no_grad():
+        codes_t = codes.detach().reshape(o, g_ * k).t().contiguous()
+        cb_t = codebooks.detach().float()[:, :, 0, :].transpose(1, 2).contiguous()
+        sc = scales.detach().float().reshape(-1).contiguous()
+        b = None if bias is None else bias.detach().float().reshape(-1).contiguous()
+    return codes_t, cb_t, sc, b
+
+
+def run_packed(packed: tuple, x, codes, codebooks, scales, bias=None) -> torch.Tensor:
+    """Decode-size calls use the packed LUT op; bigger ones (prefill) the regular paths."""
+    if packed is not None and x.dim() and x.numel() <= LUT_MAX_ROWS * x.shape[-1]:
+        return torch.ops.aqlmkit.cpu_lut_packed_linear(x, *packed)
+    return run(x, codes, codebooks, scales, bias)
+
+
+register_backend(Backend("cpu", 10, supports, run, pack, run_packed))
+
+__all__ = ["load", "supports", "run", "pack", "run_packed", "path_for", "LUT_MAX_ROWS", "GATHER_MAX_ROWS"]

@@ -113,7 +113,11 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._needs_autograd(x):
             return reference.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
-        return kernels.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
+        if torch.compiler.is_compiling():
+            return kernels.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
+        # Eager inference: the kernel's per-layer packed operands are built once and reused.
+        cache = self.__dict__.setdefault("_kernel_cache", {})
+        return kernels.aqlm_linear_cached(x, self.codes, self.codebooks, self.scales, self.bias, cache)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from aqlmkit.models import get_layout
 from aqlmkit.pipeline.activations import capture_block_inputs, run_block
-from aqlmkit.pipeline.block import _collect, is_skipped
+from aqlmkit.pipeline.block import collect_hessians, is_skipped
 
 
 def baseline_bits(bits: int, group_size: int) -> float:
@@ -49,7 +49,7 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, bits: int, group_size: int, 
     inps, kwargs = capture_block_inputs(model, layout.blocks, ids, device, device)
     for i, block in enumerate(layout.blocks):
         for stage in layout.stages(i):
-            hs = _collect(block, stage, inps, kwargs[i], device, 8, "")
+            hs = collect_hessians(block, stage, inps, kwargs[i], device, 8, "")
             for g in stage:
                 h, _ = hs[g.names]
                 for n in g.names:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from aqlmkit.config import FinetuneConfig, LayerQuantConfig, Scheme
+from aqlmkit.engine.metrics import relative_error
 from aqlmkit.nn import QuantizedLinear
 from aqlmkit.pipeline.activations import block_forward, run_block
 from aqlmkit.pipeline.block_finetune import finetune_block
@@ -24,12 +25,6 @@ def quantize_linear(weight, hessian, scheme, cfg, *, name="", progress=True):
     from aqlmkit.engine import quantize_linear as engine_quantize
 
     return engine_quantize(weight, hessian, scheme, cfg, name=name, progress=progress)
-
-
-def relative_error(weight: torch.Tensor, approx: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr(ΔHΔᵀ)/tr(WHWᵀ): the layer-output error relative to the layer's output power."""
-    w, d, h = weight.float(), (weight.float() - approx.float()), hessian.float()
-    return float(((d @ h) * d).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
 
 
 def is_skipped(name: str, skip: Iterable[str]) -> bool:
@@ -47,7 +42,7 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _collect(block, groups, inps, kw, device, mb, prefix) -> dict:
+def collect_hessians(block, groups, inps, kw, device, mb, prefix) -> dict:
     acc = HessianAccumulator(block, groups, prefix)
     try:
         for s in range(0, inps.shape[0], mb):
@@ -85,7 +80,7 @@ def quantize_block(block: nn.Module, idx: int, stages, inps: torch.Tensor, kw: d
         groups = [g for g in stage if not all(is_skipped(prefix + n, skip) for n in g.names)]
         if not groups:
             continue
-        hs = _collect(block, groups, inps, kw, device, micro_batch, prefix)
+        hs = collect_hessians(block, groups, inps, kw, device, micro_batch, prefix)
         for g in groups:
             names = [n for n in g.names if not is_skipped(prefix + n, skip)]
             h, tokens = hs[g.names]

@@ -7,10 +7,9 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from aqlmkit.config import (CalibrationConfig, FinetuneConfig, LayerQuantConfig, Scheme,
                             dataclass_from_dict)
@@ -18,7 +17,7 @@ from aqlmkit.errors import AqlmkitError
 
 # Defaults sized for the embedded 135M model on 2 CPU cores (<= 15 min end to end); the
 # dataclass defaults stay the paper's (128 x 4096 tokens) for the Python API.
-QUICK_CALIB = dict(nsamples=32, seqlen=512)
+QUICK_CALIB = dict(nsamples=16, seqlen=512)
 QUICK_LAYER = dict(max_epochs=4, steps_per_epoch=20, init_max_iter=10, beam_size=1)
 QUICK_FINETUNE = dict(epochs=2, lr=1e-4)
 

@@ -244,6 +244,143 @@ void lut_matmul(const float* x, const uint8_t* codes, const float* cbT, const fl
   });
 }
 
+// ---------------------------------------------------------------- packed lut path (decode)
+//
+// Operands are prepared once per layer on the Python side (kernels.cpu.pack): codes transposed to
+// [G*K, O] uint8, codebooks transposed to fp32 [K, g, S], scales/bias fp32 [O]. With codes
+// transposed, 16 consecutive output rows read 16 contiguous code bytes for one table, so one
+// vector gather serves 16 outputs and no horizontal sums are needed. The tables are visited in
+// chunks of ~32 KiB so the gathered-from table stays in L1 across all output rows.
+
+constexpr int64_t kL1Floats = 32 * 1024 / 4;
+
+// Scratch LUT reused across calls: a fresh few-hundred-KiB malloc per call becomes mmap + page
+// faults on glibc, which costs as much as the lookups themselves at batch 1.
+float* lut_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+void build_lut_packed(const float* x, const float* cbT, float* lut, const Shape& s) {
+  const int64_t rowsz = s.G * s.K * s.S, T = s.N * s.G;
+  auto xs_of = [&](int64_t t) { return x + (t / s.G) * s.in + (t % s.G) * s.g; };
+  auto out_of = [&](int64_t t, int64_t k) { return lut + (t / s.G) * rowsz + ((t % s.G) * s.K + k) * s.S; };
+  // ~256K FMAs per thread before a second thread pays for its fork/join.
+  const int64_t per_blk = 4 * s.K * s.S * s.g;
+  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, per_blk));
+  at::parallel_for(0, (T + 3) / 4, grain, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      const int64_t t0 = blk * 4;
+#if defined(__AVX512F__)
+      if (t0 + 4 <= T && s.S % 64 == 0) {
+        const float* xs[4] = {xs_of(t0), xs_of(t0 + 1), xs_of(t0 + 2), xs_of(t0 + 3)};
+        for (int64_t k = 0; k < s.K; ++k) {
+          float* out[4] = {out_of(t0, k), out_of(t0 + 1, k), out_of(t0 + 2, k), out_of(t0 + 3, k)};
+          lut_block4(xs, cbT + k * s.g * s.S, out, s.g, s.S);
+        }
+        continue;
+      }
+#endif
+      for (int64_t t = t0; t < std::min(T, t0 + 4); ++t)
+        for (int64_t k = 0; k < s.K; ++k) lut_block(xs_of(t), cbT + k * s.g * s.S, out_of(t, k), s.g, s.S);
+    }
+  });
+}
+
+// y[o] (o in [o0, o1)) = scale[o] * sum_i lut[i*S + codesT[i*O + o]] + bias[o], one input row.
+void lut_lookup_packed(const float* lut, const uint8_t* codesT, const float* scales, const float* bias,
+                       float* y, int64_t O, int64_t GK, int64_t S, uint32_t mask, int64_t o0, int64_t o1) {
+  const int64_t C = std::max<int64_t>(1, kL1Floats / S);
+  for (int64_t i0 = 0; i0 < GK; i0 += C) {
+    const int64_t i1 = std::min(GK, i0 + C);
+    const bool first = i0 == 0, last = i1 == GK;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __m512i vmask = _mm512_set1_epi32(static_cast<int>(mask));
+    for (int64_t o = o0; o < o1; o += 16) {
+      const int64_t rem = std::min<int64_t>(16, o1 - o);
+      const __mmask16 m = rem == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
+      __m512 acc0 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, y + o);
+      __m512 acc1 = _mm512_setzero_ps(), acc2 = acc1, acc3 = acc1;
+      const __m512 z = _mm512_setzero_ps();
+      const uint8_t* cp = codesT + o;
+      auto idx = [&](int64_t i) {
+        return _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, cp + i * O)), vmask);
+      };
+      int64_t i = i0;
+      for (; i + 4 <= i1; i += 4) {
+        acc0 = _mm512_add_ps(acc0, _mm512_mask_i32gather_ps(z, m, idx(i), lut + i * S, 4));
+        acc1 = _mm512_add_ps(acc1, _mm512_mask_i32gather_ps(z, m, idx(i + 1), lut + (i + 1) * S, 4));
+        acc2 = _mm512_add_ps(acc2, _mm512_mask_i32gather_ps(z, m, idx(i + 2), lut + (i + 2) * S, 4));
+        acc3 = _mm512_add_ps(acc3, _mm512_mask_i32gather_ps(z, m, idx(i + 3), lut + (i + 3) * S, 4));
+      }
+      for (; i < i1; ++i) acc0 = _mm512_add_ps(acc0, _mm512_mask_i32gather_ps(z, m, idx(i), lut + i * S, 4));
+      acc0 = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
+      if (last) {
+        const __m512 sc = _mm512_maskz_loadu_ps(m, scales + o);
+        acc0 = bias ? _mm512_fmadd_ps(acc0, sc, _mm512_maskz_loadu_ps(m, bias + o)) : _mm512_mul_ps(acc0, sc);
+      }
+      _mm512_mask_storeu_ps(y + o, m, acc0);
+    }
+#else
+    for (int64_t o = o0; o < o1; ++o) {
+      float a = first ? 0.f : y[o];
+      for (int64_t i = i0; i < i1; ++i) a += lut[i * S + (codesT[i * O + o] & mask)];
+      if (last) a = a * scales[o] + (bias ? bias[o] : 0.f);
+      y[o] = a;
+    }
+#endif
+  }
+}
+
+Tensor lut_packed_op(const Tensor& x, const Tensor& codes_t, const Tensor& cb_t, const Tensor& scales,
+                     const c10::optional<Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu(), "aqlmkit cpu kernels need CPU tensors");
+  TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.is_contiguous(),
+              "aqlmkit cpu_lut_packed: codes_t must be contiguous int8 [G*K, O] (kernels.cpu.pack)");
+  TORCH_CHECK(cb_t.dim() == 3 && cb_t.scalar_type() == at::kFloat && cb_t.is_contiguous() && cb_t.size(2) <= 256,
+              "aqlmkit cpu_lut_packed: cb_t must be contiguous fp32 [K, g, 2^B<=256]");
+  const int64_t GK = codes_t.size(0), O = codes_t.size(1);
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == O,
+              "aqlmkit cpu_lut_packed: scales must be contiguous fp32 [O]");
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (has_bias)
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O,
+                "aqlmkit cpu_lut_packed: bias must be contiguous fp32 [O]");
+  Tensor x2 = x.reshape({-1, x.size(-1)});
+  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
+  if (!x2.is_contiguous()) x2 = x2.contiguous();
+  Shape s;
+  s.K = cb_t.size(0); s.g = cb_t.size(1); s.S = cb_t.size(2); s.O = O; s.N = x2.size(0); s.in = x2.size(1);
+  s.G = s.in / std::max<int64_t>(1, s.g);
+  TORCH_CHECK(s.G * s.g == s.in && s.G * s.K == GK, "aqlmkit cpu_lut_packed: x has ", s.in,
+              " features, which does not match codes_t/cb_t");
+  TORCH_CHECK((s.S & (s.S - 1)) == 0, "aqlmkit cpu_lut_packed: codebook size must be a power of two");
+  Tensor out = at::empty({s.N, O}, x2.options());
+  if (s.N > 0 && O > 0) {
+    float* lut = lut_scratch(s.N * GK * s.S);
+    const float* xp = x2.data_ptr<float>();
+    build_lut_packed(xp, cb_t.data_ptr<float>(), lut, s);
+    const uint8_t* ct = reinterpret_cast<const uint8_t*>(codes_t.data_ptr<int8_t>());
+    const float* sc = scales.data_ptr<float>();
+    const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+    float* y = out.data_ptr<float>();
+    const uint32_t mask = static_cast<uint32_t>(s.S - 1);
+    // Blocks of 64 outputs; ~64K lookups per thread before a second thread is worth its fork/join.
+    const int64_t nblk = (O + 63) / 64;
+    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 64 * GK * s.N));
+    at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
+      const int64_t o0 = b * 64, o1 = std::min(O, e * 64);
+      for (int64_t n = 0; n < s.N; ++n)
+        lut_lookup_packed(lut + n * GK * s.S, ct, sc, bp, y + n * O, O, GK, s.S, mask, o0, o1);
+    });
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = O;
+  Tensor yv = out.view(sizes);
+  return x.scalar_type() == at::kFloat ? yv : yv.to(x.scalar_type());
+}
+
 // ---------------------------------------------------------------- gather path (any B, e.g. 1x16)
 
 template <typename CB, typename CODE>
@@ -423,6 +560,7 @@ Tensor dequant_op(const Tensor& x, const Tensor& codes, const Tensor& codebooks,
 
 TORCH_LIBRARY_FRAGMENT(aqlmkit, m) {
   m.def("cpu_lut_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor");
+  m.def("cpu_lut_packed_linear(Tensor x, Tensor codes_t, Tensor cb_t, Tensor scales, Tensor? bias) -> Tensor");
   m.def("cpu_gather_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias) -> Tensor");
   m.def("cpu_dequant_linear(Tensor x, Tensor codes, Tensor codebooks, Tensor scales, Tensor? bias, "
         "int tile_elems) -> Tensor");
@@ -430,6 +568,7 @@ TORCH_LIBRARY_FRAGMENT(aqlmkit, m) {
 
 TORCH_LIBRARY_IMPL(aqlmkit, CPU, m) {
   m.impl("cpu_lut_linear", &lut_op);
+  m.impl("cpu_lut_packed_linear", &lut_packed_op);
   m.impl("cpu_gather_linear", &gather_op);
   m.impl("cpu_dequant_linear", &dequant_op);
 }

@@ -52,16 +52,19 @@ __device__ __forceinline__ uint4 load_codes(const int8_t* row_ptr, int byte0, in
 
 // One shared-memory load of a BP-float entry at byte address addr + OFF (OFF an immediate).
 // Inline PTX because nvcc otherwise re-derives every address from the shared base (IMAD + LEA
-// per code); with an opaque per-thread base each code costs PRMT + LEA + LDS + adds.
+// per code); with an opaque per-thread base each code costs PRMT + LEA + LDS + adds. The
+// "memory" clobber keeps these reads after the __syncthreads that publishes the tables.
 template <int BP, int OFF>
 __device__ __forceinline__ void lds_entry(uint32_t addr, float* v) {
   if constexpr (BP == 1) {
-    asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(v[0]) : "r"(addr), "n"(OFF));
+    asm volatile("ld.shared.f32 %0, [%1+%2];" : "=f"(v[0]) : "r"(addr), "n"(OFF) : "memory");
   } else if constexpr (BP == 2) {
-    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2+%3];" : "=f"(v[0]), "=f"(v[1]) : "r"(addr), "n"(OFF));
+    asm volatile("ld.shared.v2.f32 {%0, %1}, [%2+%3];" : "=f"(v[0]), "=f"(v[1]) : "r"(addr), "n"(OFF)
+                 : "memory");
   } else {
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4+%5];"
-                 : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "r"(addr), "n"(OFF));
+                 : "=f"(v[0]), "=f"(v[1]), "=f"(v[2]), "=f"(v[3]) : "r"(addr), "n"(OFF)
+                 : "memory");
   }
 }
 
