@@ -67,10 +67,14 @@ def _fake_packed(x, codes_t, cb_t, scales, bias):
     return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
 
 
+def _fake_half(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def _register_fakes() -> None:
     """Shape/dtype functions so torch.compile traces through the ops without graph breaks."""
     fakes = {"cpu_lut_linear": _fake, "cpu_gather_linear": _fake, "cpu_dequant_linear": _fake,
-             "cpu_lut_packed_linear": _fake_packed}
+             "cpu_lut_packed_linear": _fake_packed, "cpu_half_linear": _fake_half}
     for name, fn in fakes.items():
         try:
             torch.library.register_fake(f"aqlmkit::{name}")(fn)
