@@ -158,3 +158,85 @@ def test_cli_bench_microbench(capsys):
     out = capsys.readouterr().out
     assert "dense/aqlm" in out and " cpu " in out
     assert main(["bench", "--shape", "48by64"]) == 2  # bad input: one-line AqlmkitError, exit 2
+
+
+PACKED_CASES = [("1x8g8", 49, 576), ("2x8g8", 192, 576), ("4x8g16", 33, 64), ("8x8g16", 576, 1536),
+                ("2x8g4", 17, 40), ("2x6g8", 33, 64), ("3x8g8", 7, 24), ("2x5g8", 130, 64)]
+
+
+@pytest.mark.parametrize("scheme,out_f,in_f", PACKED_CASES)
+@pytest.mark.parametrize("cb_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_packed_lut_matches_reference(scheme, out_f, in_f, cb_dtype):
+    """The decode op on pre-packed operands: odd O (masked tails), B < 8, every row count it takes."""
+    codes, cb, scales, bias = make_layer(scheme, out_f, in_f, cb_dtype=cb_dtype, seed=out_f)
+    for b in (None, bias):
+        packed = cpu.pack(codes, cb, scales, b)
+        assert packed is not None and packed[0].shape == (codes.shape[1] * codes.shape[2], out_f)
+        for rows in (1, 2, 3, 8):
+            for dt in (torch.float32, torch.bfloat16):
+                x = torch.randn(rows, in_f).to(dt)
+                check(torch.ops.aqlmkit.cpu_lut_packed_linear(x, *packed), x, codes, cb, scales, b)
+        x = torch.randn(2, 5, in_f)  # leading dims, and 10 rows > LUT_MAX_ROWS: regular paths
+        check(cpu.run_packed(packed, x, codes, cb, scales, b), x, codes, cb, scales, b)
+        check(cpu.run_packed(packed, x[:1, :1], codes, cb, scales, b), x[:1, :1], codes, cb, scales, b)
+
+
+def test_pack_declines_16bit_codes():
+    codes, cb, scales, bias = make_layer("1x16g8", 8, 64)
+    assert cpu.pack(codes, cb, scales, bias) is None
+    x = torch.randn(1, 64)
+    check(cpu.run_packed(None, x, codes, cb, scales, bias), x, codes, cb, scales, bias)
+
+
+def test_cached_linear_repacks_when_parameters_change(monkeypatch):
+    """QuantizedLinear reuses its packed operands, but never stale ones."""
+    from aqlmkit.nn import QuantizedLinear
+
+    codes, cb, scales, bias = make_layer("2x8g8", 40, 64, cb_dtype=torch.float32)
+    layer = QuantizedLinear(64, 40, "2x8g8", bias=True)
+    for name, t in (("codes", codes), ("codebooks", cb), ("scales", scales), ("bias", bias)):
+        getattr(layer, name).data = t.clone()
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        check(layer(x), x, codes, cb, scales, bias)
+        packed = layer._kernel_cache["entry"][3]
+        check(layer(x), x, codes, cb, scales, bias)
+        assert packed is not None and layer._kernel_cache["entry"][3] is packed  # reused
+        layer.codebooks.mul_(2.0)  # in-place edit bumps the version counter
+        layer.codes[0, 0, 0] = -layer.codes[0, 0, 0] - 1
+        check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+        layer.scales.data = scales * 3  # new storage
+        check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+        monkeypatch.setenv("AQLMKIT_KERNEL", "reference")  # the select cache honours the env
+        assert kernels.select(x, layer.codes, layer.codebooks) == "reference"
+        check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+        monkeypatch.setenv("AQLMKIT_KERNEL", "cpu")
+        assert kernels.select(x, layer.codes, layer.codebooks) == "cpu"
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16])
+def test_half_linear_matches_fp32_math(w_dtype):
+    """fp16/bf16-stored weight, fp32 activations: exact up to fp32 summation order."""
+    gen = torch.Generator().manual_seed(3)
+    for out_f, in_f in [(1030, 576), (37, 40), (5, 7)]:
+        w = torch.randn(out_f, in_f, generator=gen).to(w_dtype)
+        bias = torch.randn(out_f, generator=gen)
+        for rows in (1, 2, 3, 8, 20):
+            for b in (None, bias):
+                for dt in (torch.float32, torch.bfloat16):
+                    x = torch.randn(rows, in_f, generator=gen).to(dt)
+                    y = torch.ops.aqlmkit.cpu_half_linear(x, w, b)
+                    want = torch.nn.functional.linear(x.float(), w.float(), b)
+                    assert y.dtype == dt and y.shape == want.shape
+                    tol = 1e-5 if dt == torch.float32 else 1.6e-2
+                    assert (y.float() - want).abs().max() / want.abs().max() < tol
+
+
+def test_opcheck_new_ops():
+    codes, cb, scales, bias = make_layer("2x8g8", 24, 64)
+    packed = cpu.pack(codes, cb, scales, bias)
+    x = torch.randn(2, 64)
+    torch.library.opcheck(torch.ops.aqlmkit.cpu_lut_packed_linear.default, (x, *packed),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.aqlmkit.cpu_half_linear.default, (x, torch.randn(24, 64).half(), None),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -67,11 +67,28 @@ def block_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
             if type(m) is nn.Linear and "lm_head" not in n]
 
 
-def quantize_random(model: nn.Module, s: Scheme, official: bool) -> nn.Module:
-    """Copy of ``model`` with every block linear replaced by an AQLM layer (ours or official)."""
+class HalfWeightLinear(nn.Module):
+    """A dense layer whose weight is stored in fp16 (as AQLM checkpoints store unquantized layers,
+    ``torch_dtype: float16``); activations and accumulation stay fp32 (aqlmkit cpu_half_linear)."""
+
+    def __init__(self, lin: nn.Linear) -> None:
+        super().__init__()
+        self.register_buffer("weight16", lin.weight.detach().half().contiguous())
+        self.bias = None if lin.bias is None else lin.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aqlmkit.cpu_half_linear(x, self.weight16, self.bias)
+
+
+def quantize_random(model: nn.Module, s: Scheme, official: bool, half_head: bool = False) -> nn.Module:
+    """Copy of ``model`` with every block linear replaced by an AQLM layer (ours or official);
+    ``half_head`` also stores the (unquantized) lm_head in fp16, as the AQLM checkpoints do."""
+    from aqlmkit.kernels import cpu
     from aqlmkit.nn import QuantizedLinear
 
     q = copy.deepcopy(model)
+    if half_head and cpu.load():
+        q.lm_head = HalfWeightLinear(q.lm_head)
     gen = torch.Generator().manual_seed(1)
     for name, lin in block_linears(q):
         t = random_codes(lin, s, gen)
@@ -87,6 +104,12 @@ def quantize_random(model: nn.Module, s: Scheme, official: bool) -> nn.Module:
                 getattr(mod, k).data = v.detach().clone()
         q.set_submodule(name, mod)
     return q
+
+
+# (name, official package?, lm_head stored fp16?). "aqlmkit" is like-for-like with the fp32 model
+# apart from the quantized block linears; "aqlmkit+f16head" also keeps the unquantized lm_head
+# in fp16 as AQLM checkpoints store it (fp32 activations/accumulation, see HalfWeightLinear).
+VARIANTS = (("aqlmkit", False, False), ("aqlmkit+f16head", False, True), ("official", True, False))
 
 
 def timed(fn, repeats: int) -> float:
@@ -131,6 +154,14 @@ def layer_micro(model: nn.Module, s: Scheme, repeats: int = 200) -> list[dict]:
         us = {name: 1e6 * timed(lambda m=m: [m(x) for _ in range(repeats)], 3) / repeats
               for name, m in (("fp32", lin), ("aqlmkit", ours), ("official", off))}
         rows.append({"shape": f"{o}x{i}", **{f"{k}_us": round(v, 1) for k, v in us.items()}})
+    head = model.lm_head
+    x = torch.randn(1, head.in_features)
+    half = HalfWeightLinear(head)
+    n = max(3, repeats // 20)
+    us = {"fp32": 1e6 * timed(lambda: [head(x) for _ in range(n)], 3) / n,
+          "aqlmkit": 1e6 * timed(lambda: [half(x) for _ in range(n)], 3) / n}
+    rows.append({"shape": f"lm_head {head.out_features}x{head.in_features} (f16 weight)",
+                 **{f"{k}_us": round(v, 1) for k, v in us.items()}, "official_us": None})
     return rows
 
 
@@ -148,10 +179,12 @@ def run_decode_bench(schemes: list[str], new_tokens: int = 32, prompt_len: int =
     for name in schemes:
         s = Scheme.parse(name)
         entry = {}
-        for variant, official in (("aqlmkit", False), ("official", True)):
+        for variant, official, half in VARIANTS:
             if official and s.nbits_per_codebook != 8:
                 continue
-            entry[variant] = decode_speed(quantize_random(model, s, official), new_tokens, prompt_len, repeats)
+            qm = quantize_random(model, s, official, half)
+            entry[variant] = decode_speed(qm, new_tokens, prompt_len, repeats)
+            del qm
         entry["layers"] = layer_micro(model, s, micro_iters)
         result["schemes"][name] = entry
         print_scheme(name, entry, fp32)
@@ -165,14 +198,16 @@ def run_decode_bench(schemes: list[str], new_tokens: int = 32, prompt_len: int =
 
 
 def print_scheme(name: str, e: dict, fp32: dict) -> None:
-    print(f"\n== {name} ==  {'variant':10s} {'decode tok/s':>12s} {'x fp32':>7s} {'x official':>10s} "
+    print(f"\n== {name} ==  {'variant':16s} {'decode tok/s':>12s} {'x fp32':>7s} {'x official':>10s} "
           f"{'prompt tok/s':>12s}")
     off = e.get("official", {}).get("decode_tok_s")
-    for v in ("aqlmkit", "official"):
+    for v, _, _ in VARIANTS:
         if v in e:
             d = e[v]["decode_tok_s"]
             ro = f"{d / off:10.2f}" if off else f"{'-':>10s}"
-            print(f"{'':12s}{v:10s} {d:12.1f} {d / fp32['decode_tok_s']:7.2f} {ro} {e[v]['prompt_tok_s']:12.0f}")
+            print(f"{'':12s}{v:16s} {d:12.1f} {d / fp32['decode_tok_s']:7.2f} {ro} {e[v]['prompt_tok_s']:12.0f}")
+    print("  (aqlmkit+f16head: lm_head weight stored fp16 as in AQLM checkpoints; fp32 math)")
     print(f"  per layer, batch 1 (us/call): {'shape':>10s} {'fp32':>8s} {'aqlmkit':>8s} {'official':>9s}")
     for r in e["layers"]:
-        print(f"  {'':30s}{r['shape']:>10s} {r['fp32_us']:8.1f} {r['aqlmkit_us']:8.1f} {r['official_us']:9.1f}")
+        off_us = "-" if r["official_us"] is None else f"{r['official_us']:.1f}"
+        print(f"  {'':20s}{r['shape']:>20s} {r['fp32_us']:8.1f} {r['aqlmkit_us']:8.1f} {off_us:>9s}")

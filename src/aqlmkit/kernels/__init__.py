@@ -117,10 +117,6 @@ def aqlm_linear(
     return _BACKENDS[name].run(x, codes, codebooks, scales, bias)
 
 
-def _version_key(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else (t.data_ptr(), t._version, t.dtype)
-
-
 def aqlm_linear_cached(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -131,22 +127,33 @@ def aqlm_linear_cached(
 ) -> torch.Tensor:
     """:func:`aqlm_linear` that keeps the backend's packed operands for this layer in ``cache``.
 
-    The pack is keyed on the parameters' storage and version counters, so moving a layer,
-    loading a state dict or editing the tensors in place repacks instead of using stale data.
+    At batch-1 decode a layer's kernel takes ~10-40 us, so a few us of Python per call matter:
+    the backend choice and the packed operands are looked up with one tuple compare. The key holds
+    the parameters' storage pointers and version counters, so moving a layer, loading a state dict
+    or editing a tensor in place repacks instead of using stale data; it also holds the input's
+    dtype/device, AQLMKIT_KERNEL and whether autograd is needed, the inputs of :func:`select`.
     Not for tracing: compiled code should call :func:`aqlm_linear`.
     """
-    name = select(x, codes, codebooks)
-    if name == "reference":
-        return reference.aqlm_linear(x, codes, codebooks, scales, bias)
-    backend = _BACKENDS[name]
-    if backend.pack is None or backend.run_packed is None:
-        return backend.run(x, codes, codebooks, scales, bias)
-    key = (_version_key(codes), _version_key(codebooks), _version_key(scales), _version_key(bias))
-    entry = cache.get(name)
+    grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
+    key = (os.environ.get("AQLMKIT_KERNEL", ""), x.dtype, x.device, grad,
+           codes.data_ptr(), codes._version, codebooks.data_ptr(), codebooks._version,
+           scales.data_ptr(), scales._version,
+           None if bias is None else (bias.data_ptr(), bias._version))
+    entry = cache.get("entry")
     if entry is None or entry[0] != key:
-        entry = (key, backend.pack(codes, codebooks, scales, bias))
-        cache[name] = entry
-    return backend.run_packed(entry[1], x, codes, codebooks, scales, bias)
+        name = select(x, codes, codebooks)
+        backend = _BACKENDS.get(name)
+        packed = None
+        if backend is not None and backend.pack is not None and backend.run_packed is not None:
+            packed = backend.pack(codes, codebooks, scales, bias)
+        entry = (key, name, backend, packed)
+        cache["entry"] = entry
+    _, name, backend, packed = entry
+    if backend is None:
+        return reference.aqlm_linear(x, codes, codebooks, scales, bias)
+    if backend.run_packed is None:
+        return backend.run(x, codes, codebooks, scales, bias)
+    return backend.run_packed(packed, x, codes, codebooks, scales, bias)
 
 
 __all__ = ["Backend", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",

@@ -142,11 +142,18 @@ def pack(codes, codebooks, scales, bias=None) -> tuple | None:
     return codes_t, cb_t, sc, b
 
 
-def run_packed(packed: tuple, x, codes, codebooks, scales, bias=None) -> torch.Tensor:
+def run_packed(packed: tuple | None, x, codes, codebooks, scales, bias=None) -> torch.Tensor:
     """Decode-size calls use the packed LUT op; bigger ones (prefill) the regular paths."""
     if packed is not None and x.dim() and x.numel() <= LUT_MAX_ROWS * x.shape[-1]:
-        return torch.ops.aqlmkit.cpu_lut_packed_linear(x, *packed)
+        return _packed_op(x, *packed)
     return run(x, codes, codebooks, scales, bias)
+
+
+def _packed_op(*args):
+    # bound on first use: torch.ops.aqlmkit.* exists only after load() built the library
+    global _packed_op
+    _packed_op = torch.ops.aqlmkit.cpu_lut_packed_linear.default
+    return _packed_op(*args)
 
 
 register_backend(Backend("cpu", 10, supports, run, pack, run_packed))

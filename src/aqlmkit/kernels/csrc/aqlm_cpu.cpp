@@ -253,6 +253,11 @@ void lut_matmul(const float* x, const uint8_t* codes, const float* cbT, const fl
 // chunks of ~32 KiB so the gathered-from table stays in L1 across all output rows.
 
 constexpr int64_t kL1Floats = 32 * 1024 / 4;
+// Work a second thread must get before a layer is split across threads. Waking OpenMP workers
+// costs ~10-50 us (more on a busy machine), about a whole batch-1 layer of this kernel, so
+// decode-sized layers of small models run on the calling thread.
+constexpr int64_t kBuildFmaPerThread = int64_t(1) << 22;
+constexpr int64_t kLookupsPerThread = int64_t(1) << 16;
 
 // Scratch LUT reused across calls: a fresh few-hundred-KiB malloc per call becomes mmap + page
 // faults on glibc, which costs as much as the lookups themselves at batch 1.
@@ -268,7 +273,7 @@ void build_lut_packed(const float* x, const float* cbT, float* lut, const Shape&
   auto out_of = [&](int64_t t, int64_t k) { return lut + (t / s.G) * rowsz + ((t % s.G) * s.K + k) * s.S; };
   // ~256K FMAs per thread before a second thread pays for its fork/join.
   const int64_t per_blk = 4 * s.K * s.S * s.g;
-  const int64_t grain = std::max<int64_t>(1, (1 << 18) / std::max<int64_t>(1, per_blk));
+  const int64_t grain = std::max<int64_t>(1, kBuildFmaPerThread / std::max<int64_t>(1, per_blk));
   at::parallel_for(0, (T + 3) / 4, grain, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t t0 = blk * 4;
@@ -368,7 +373,7 @@ Tensor lut_packed_op(const Tensor& x, const Tensor& codes_t, const Tensor& cb_t,
     const uint32_t mask = static_cast<uint32_t>(s.S - 1);
     // Blocks of 64 outputs; ~64K lookups per thread before a second thread is worth its fork/join.
     const int64_t nblk = (O + 63) / 64;
-    const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, 64 * GK * s.N));
+    const int64_t grain = std::max<int64_t>(1, kLookupsPerThread / std::max<int64_t>(1, 64 * GK * s.N));
     at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
       const int64_t o0 = b * 64, o1 = std::min(O, e * 64);
       for (int64_t n = 0; n < s.N; ++n)
@@ -572,9 +577,45 @@ inline __m512 load16(const c10::BFloat16* p) {
 }
 #endif
 
+// One input row, four weight rows per step: four independent FMA chains and one x load per four
+// weight vectors, so the loop runs at the speed of streaming W.
+template <typename W>
+void half_gemv1(const float* x, const W* w, const float* bias, float* y, int64_t I, int64_t b, int64_t e) {
+  int64_t o = b;
+#if defined(__AVX512F__)
+  for (; o + 4 <= e && I % 16 == 0; o += 4) {
+    const W* w0 = w + o * I;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    const char* ahead = reinterpret_cast<const char*>(w0 + 12 * I);  // 3 blocks ahead
+    for (int64_t i = 0; i < I; i += 16) {
+      _mm_prefetch(ahead + i * 8, _MM_HINT_T0);
+      _mm_prefetch(ahead + i * 8 + 64, _MM_HINT_T0);
+      const __m512 xv = _mm512_loadu_ps(x + i);
+      a0 = _mm512_fmadd_ps(load16(w0 + i), xv, a0);
+      a1 = _mm512_fmadd_ps(load16(w0 + I + i), xv, a1);
+      a2 = _mm512_fmadd_ps(load16(w0 + 2 * I + i), xv, a2);
+      a3 = _mm512_fmadd_ps(load16(w0 + 3 * I + i), xv, a3);
+    }
+    y[o] = _mm512_reduce_add_ps(a0) + (bias ? bias[o] : 0.f);
+    y[o + 1] = _mm512_reduce_add_ps(a1) + (bias ? bias[o + 1] : 0.f);
+    y[o + 2] = _mm512_reduce_add_ps(a2) + (bias ? bias[o + 2] : 0.f);
+    y[o + 3] = _mm512_reduce_add_ps(a3) + (bias ? bias[o + 3] : 0.f);
+  }
+#endif
+  for (; o < e; ++o) {
+    float a = 0.f;
+    for (int64_t i = 0; i < I; ++i) a += static_cast<float>(w[o * I + i]) * x[i];
+    y[o] = a + (bias ? bias[o] : 0.f);
+  }
+}
+
 template <typename W>
 void half_gemv(const float* x, const W* w, const float* bias, float* y, int64_t N, int64_t I, int64_t O) {
   constexpr int64_t MAXN = 4;
+  if (N == 1) {
+    at::parallel_for(0, O, 512, [&](int64_t b, int64_t e) { half_gemv1(x, w, bias, y, I, b, e); });
+    return;
+  }
   at::parallel_for(0, O, 256, [&](int64_t b, int64_t e) {
     for (int64_t n0 = 0; n0 < N; n0 += MAXN) {
       const int64_t nn = std::min(MAXN, N - n0);
