@@ -6,6 +6,11 @@ out_group_size, linear_weights_not_to_quantize}``; every other linear stores ``c
 ``codebooks``, ``scales`` (and ``bias``) exactly as the official ``aqlm.QuantizedLinear``.
 Loading builds the model on the meta device and assigns the stored tensors, so dense weights of
 quantized layers never exist in memory.
+
+MoE models are quantized per expert (``models.moe``), so their checkpoints store
+``experts.{e}.gate_proj/up_proj/down_proj`` while transformers 5 builds fused 3-D experts; we mark
+them with ``quantization_config[UNFUSED_KEY] = True`` (ignored by transformers) and unfuse the meta
+model before loading. Plain transformers + ``aqlm`` cannot load them (see the model card).
 """
 from __future__ import annotations
 
@@ -24,8 +29,10 @@ from torch import nn
 from aqlmkit.config import Scheme
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.formats import safetensors_io as st
+from aqlmkit.models.moe import has_unfused_experts, modern_expert_name, names_per_expert, unfuse_experts
 from aqlmkit.nn import QuantizedLinear, replace_linears
 
+UNFUSED_KEY = "aqlmkit_unfused_experts"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -51,6 +58,8 @@ def quantization_config(model: nn.Module, scheme: Scheme, skip=()) -> dict:
     modules = [w[: -len(".weight")] for w in weights
                if isinstance(_get(model, w[: -len(".weight")]), nn.Linear)]
     qc["linear_weights_not_to_quantize"] = weights + [m for m in modules if m not in weights]
+    if has_unfused_experts(model):
+        qc[UNFUSED_KEY] = True
     return qc
 
 
@@ -121,9 +130,20 @@ def model_card(scheme: Scheme, model: nn.Module, card: dict | None) -> str:
     if "perplexity" in card:
         lines.append(f"| perplexity | {card.pop('perplexity')} |")
     lines += [f"| {k} | {v} |" for k, v in card.items()]
-    lines += ["", "Load with `transformers.AutoModelForCausalLM.from_pretrained(path)` (needs `pip install aqlm`)"
-              " or `aqlmkit.formats.aqlm_hf.load_quantized(path)`.", ""]
+    lines += ["", _loading_note(model), ""]
     return "\n".join(lines)
+
+
+def _loading_note(model: nn.Module) -> str:
+    if not has_unfused_experts(model):
+        return ("Load with `transformers.AutoModelForCausalLM.from_pretrained(path)` (needs `pip install aqlm`)"
+                " or `aqlmkit.load(path)`.")
+    return ("**Load with `aqlmkit.load(path)`** (or `aqlmkit.formats.aqlm_hf.load_quantized(path)`). "
+            "This mixture-of-experts model was quantized one expert at a time, so its checkpoint stores "
+            "`experts.{e}.gate_proj/up_proj/down_proj` codes. transformers 5 builds MoE experts as fused "
+            "3-D tensors that the `aqlm` package cannot quantize: `AutoModelForCausalLM.from_pretrained` "
+            "would report the per-expert tensors as UNEXPECTED and `experts.gate_up_proj`/`down_proj` as "
+            "MISSING, and run with randomly initialised experts. Do not load it with plain transformers.")
 
 
 def _write_folder(model, tokenizer, folder: Path, scheme: Scheme, skip, card, max_shard_size) -> None:
@@ -214,10 +234,26 @@ def build_empty(path: Path, raw: dict, scheme: Scheme, dtype: torch.dtype) -> nn
         del config.quantization_config  # keep transformers' own quantizer out of from_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    skip = qc.get("linear_weights_not_to_quantize") or []
+    if qc.get(UNFUSED_KEY) or names_per_expert(_tensor_names(path)):
+        unfuse_experts(model)  # the meta model must have the per-expert linears the codes belong to
+    skip = [modern_expert_name(n, config.model_type) for n in qc.get("linear_weights_not_to_quantize") or []]
     replace_linears(model, scheme, skip=skip)
     model.config.quantization_config = qc
     return model
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """Tensor names from the index or the safetensors headers; [] if unreadable (load_state reports it)."""
+    from safetensors import safe_open
+
+    names: list[str] = []
+    try:
+        for file in st.weight_files(path):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                names += list(f.keys())
+    except Exception:  # noqa: BLE001 - corrupt or missing files get a precise error from load_state
+        return []
+    return names
 
 
 def _check_tensor(name: str, t: torch.Tensor, expected: torch.Tensor, file: Path, scheme: Scheme) -> None:
@@ -239,7 +275,9 @@ def _check_tensor(name: str, t: torch.Tensor, expected: torch.Tensor, file: Path
 def load_state(model: nn.Module, path: Path, scheme: Scheme, dtype: torch.dtype, device) -> None:
     expected = dict(model.state_dict())
     loaded: dict[str, torch.Tensor] = {}
+    model_type = getattr(model.config, "model_type", None)
     for name, t, file in st.iter_tensors(st.weight_files(path)):
+        name = modern_expert_name(name, model_type)
         if name not in expected:
             raise AqlmkitError(f"{file.name}: unexpected tensor {name} (not in the {type(model).__name__} "
                                f"built from config.json with {scheme.name}); is the config right?")

@@ -23,7 +23,9 @@ from aqlmkit.kernels import Backend, register_backend
 
 LUT_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_LUT_MAX_ROWS", "8"))
 GATHER_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_GATHER_MAX_ROWS", "8"))
-TILE_ELEMS = int(os.environ.get("AQLMKIT_CPU_TILE_ELEMS", str(1 << 20)))  # 4 MiB fp32 per tile
+# Prefill dequantizes up to this many weights per GEMM (16 MiB fp32: whole layers of small models,
+# so one large at::mm writes straight into the output; the buffer is reused across calls).
+TILE_ELEMS = int(os.environ.get("AQLMKIT_CPU_TILE_ELEMS", str(1 << 22)))
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 _lock = threading.Lock()
@@ -64,7 +66,7 @@ def _fake(x, codes, codebooks, scales, bias, *rest):
 
 
 def _fake_packed(x, codes_t, cb_t, scales, bias):
-    return x.new_empty((*x.shape[:-1], codes_t.shape[1]))
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))  # codes_t's columns are padded to 64
 
 
 def _fake_half(x, weight, bias):
@@ -127,7 +129,8 @@ def run(x, codes, codebooks, scales, bias=None) -> torch.Tensor:
 def pack(codes, codebooks, scales, bias=None) -> tuple | None:
     """Per-layer operands of the decode LUT kernel, computed once (``None``: no packed path).
 
-    Codes are transposed to [G*K, O] so 16 output rows share one vector gather, codebooks to fp32
+    Codes are transposed to [G*K, O] (O padded to 64 and permuted inside each 64-block) so one
+    byte-permute looks up a table entry for 64 outputs at once, codebooks to fp32
     [K, g, 2^B] so the table build is a broadcast FMA, scales/bias to flat fp32. Doing this once per
     layer instead of per call removes the reshapes, casts and copies from the batch-1 hot path.
     """
@@ -135,11 +138,21 @@ def pack(codes, codebooks, scales, bias=None) -> tuple | None:
         return None
     o, g_, k = codes.shape
     with torch.no_grad():
-        codes_t = codes.detach().reshape(o, g_ * k).t().contiguous()
+        o64 = -(-o // 64) * 64
+        padded = torch.zeros(o64, g_ * k, dtype=torch.int8, device=codes.device)
+        padded[:o] = codes.detach().reshape(o, g_ * k)
+        # code position p of each 64-output block holds output PLANE_POS[p] (see aqlm_cpu.cpp)
+        codes_t = padded.view(-1, 64, g_ * k)[:, _plane_order(codes.device)].reshape(o64, g_ * k).t().contiguous()
         cb_t = codebooks.detach().float()[:, :, 0, :].transpose(1, 2).contiguous()
         sc = scales.detach().float().reshape(-1).contiguous()
         b = None if bias is None else bias.detach().float().reshape(-1).contiguous()
     return codes_t, cb_t, sc, b
+
+
+def _plane_order(device) -> torch.Tensor:
+    """Output stored at each code position of a 64-block: r = 16j+4l+m sits at 16l+4j+m."""
+    r = torch.arange(64, device=device)
+    return (r & 3) | ((r >> 4) << 2) | (((r >> 2) & 3) << 4)
 
 
 def run_packed(packed: tuple | None, x, codes, codebooks, scales, bias=None) -> torch.Tensor:

@@ -8,6 +8,9 @@ the original Mixtral/Qwen-MoE checkpoints) with a forward that is numerically th
 """
 from __future__ import annotations
 
+import re
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -71,3 +74,41 @@ def unfuse_experts(model: nn.Module) -> int:
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, UnfusedExperts.from_fused(m))
     return len(targets)
+
+
+_PER_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
+
+
+def has_unfused_experts(model: nn.Module) -> bool:
+    """True once ``unfuse_experts`` has run: the model's state dict names experts one by one."""
+    return any(isinstance(m, UnfusedExperts) for m in model.modules())
+
+
+def names_per_expert(names: Iterable[str]) -> bool:
+    """True when checkpoint tensor names address experts one by one (``...experts.3.up_proj.codes``).
+
+    A checkpoint saved from an unfused model must be loaded into an unfused one: transformers 5
+    builds fused 3-D experts from config, which have no per-expert linears to put the codes in.
+    """
+    return any(_PER_EXPERT.search(n) for n in names)
+
+
+# transformers 4 Mixtral names (also those of the official AQLM Mixtral checkpoints) -> ours.
+_MIXTRAL_LEGACY = [(re.compile(r"\.block_sparse_moe\."), ".mlp."),
+                   (re.compile(r"(experts\.\d+)\.w1\."), r"\1.gate_proj."),
+                   (re.compile(r"(experts\.\d+)\.w3\."), r"\1.up_proj."),
+                   (re.compile(r"(experts\.\d+)\.w2\."), r"\1.down_proj.")]
+
+
+def modern_expert_name(name: str, model_type: str | None) -> str:
+    """Map a legacy per-expert Mixtral tensor/module name onto the unfused layout; others unchanged.
+
+    Official AQLM Mixtral checkpoints predate transformers 5 and store
+    ``block_sparse_moe.experts.{e}.w1/w3/w2`` (gate/up/down). transformers renames those only for
+    dense ``.weight`` tensors, so the ``codes``/``codebooks``/``scales`` need our own mapping.
+    """
+    if model_type != "mixtral":
+        return name
+    for pattern, repl in _MIXTRAL_LEGACY:
+        name = pattern.sub(repl, name)
+    return name

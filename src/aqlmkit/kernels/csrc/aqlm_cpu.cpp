@@ -257,7 +257,7 @@ constexpr int64_t kL1Floats = 32 * 1024 / 4;
 // costs ~10-50 us (more on a busy machine), about a whole batch-1 layer of this kernel, so
 // decode-sized layers of small models run on the calling thread.
 constexpr int64_t kBuildFmaPerThread = int64_t(1) << 22;
-constexpr int64_t kLookupsPerThread = int64_t(1) << 16;
+constexpr int64_t kLookupsPerThread = int64_t(1) << 20;
 
 // Scratch LUT reused across calls: a fresh few-hundred-KiB malloc per call becomes mmap + page
 // faults on glibc, which costs as much as the lookups themselves at batch 1.
@@ -293,61 +293,95 @@ void build_lut_packed(const float* x, const float* cbT, float* lut, const Shape&
   });
 }
 
-// y[o] (o in [o0, o1)) = scale[o] * sum_i lut[i*S + codesT[i*O + o]] + bias[o], one input row.
-void lut_lookup_packed(const float* lut, const uint8_t* codesT, const float* scales, const float* bias,
-                       float* y, int64_t O, int64_t GK, int64_t S, uint32_t mask, int64_t o0, int64_t o1) {
-  const int64_t C = std::max<int64_t>(1, kL1Floats / S);
-  for (int64_t i0 = 0; i0 < GK; i0 += C) {
-    const int64_t i1 = std::min(GK, i0 + C);
-    const bool first = i0 == 0, last = i1 == GK;
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-    const __m512i vmask = _mm512_set1_epi32(static_cast<int>(mask));
-    for (int64_t o = o0; o < o1; o += 16) {
-      const int64_t rem = std::min<int64_t>(16, o1 - o);
-      const __mmask16 m = rem == 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rem) - 1);
-      __m512 acc0 = first ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m, y + o);
-      __m512 acc1 = _mm512_setzero_ps(), acc2 = acc1, acc3 = acc1;
-      const __m512 z = _mm512_setzero_ps();
-      const uint8_t* cp = codesT + o;
-      auto idx = [&](int64_t i) {
-        return _mm512_and_si512(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, cp + i * O)), vmask);
-      };
-      int64_t i = i0;
-      for (; i + 4 <= i1; i += 4) {
-        acc0 = _mm512_add_ps(acc0, _mm512_mask_i32gather_ps(z, m, idx(i), lut + i * S, 4));
-        acc1 = _mm512_add_ps(acc1, _mm512_mask_i32gather_ps(z, m, idx(i + 1), lut + (i + 1) * S, 4));
-        acc2 = _mm512_add_ps(acc2, _mm512_mask_i32gather_ps(z, m, idx(i + 2), lut + (i + 2) * S, 4));
-        acc3 = _mm512_add_ps(acc3, _mm512_mask_i32gather_ps(z, m, idx(i + 3), lut + (i + 3) * S, 4));
-      }
-      for (; i < i1; ++i) acc0 = _mm512_add_ps(acc0, _mm512_mask_i32gather_ps(z, m, idx(i), lut + i * S, 4));
-      acc0 = _mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3));
-      if (last) {
-        const __m512 sc = _mm512_maskz_loadu_ps(m, scales + o);
-        acc0 = bias ? _mm512_fmadd_ps(acc0, sc, _mm512_maskz_loadu_ps(m, bias + o)) : _mm512_mul_ps(acc0, sc);
-      }
-      _mm512_mask_storeu_ps(y + o, m, acc0);
+// Output position <-> code position inside a block of 64 outputs. The byte-plane lookup below
+// ends with two rounds of in-lane unpacks, which leave code position 16l+4j+m in dword 4l+m of
+// result j; kernels.cpu.pack stores output 16j+4l+m at that code position, so results come out
+// in natural order. The map swaps l and j, so it is its own inverse.
+inline int64_t plane_pos(int64_t r) { return (r & 3) | ((r >> 4) << 2) | (((r >> 2) & 3) << 4); }
+
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+// ybuf[o] += table[codes[o]] for 64-output blocks [b, e). The 256-entry fp32 table is held in 16
+// registers as 4 byte planes x 4 chunks of 64 entries; vpermi2b looks up 64 codes per plane in
+// one instruction (~3x the rate of vgatherdps, which is bound by one load per element).
+inline void lookup_planes(const float* table, const uint8_t* codes, float* ybuf, int64_t b, int64_t e,
+                          uint8_t mask) {
+  __m512i P[4][4];
+  const __mmask64 upper = 0xFFFFFFFF00000000ull;
+  for (int pl = 0; pl < 4; ++pl) {
+    alignas(64) uint8_t idx[64];
+    for (int k = 0; k < 64; ++k) idx[k] = static_cast<uint8_t>(4 * (k & 31) + pl);
+    const __m512i vi = _mm512_load_si512(idx);
+    for (int q = 0; q < 4; ++q) {
+      const float* t = table + 64 * q;
+      const __m512i lo = _mm512_permutex2var_epi8(_mm512_castps_si512(_mm512_loadu_ps(t)), vi,
+                                                  _mm512_castps_si512(_mm512_loadu_ps(t + 16)));
+      const __m512i hi = _mm512_permutex2var_epi8(_mm512_castps_si512(_mm512_loadu_ps(t + 32)), vi,
+                                                  _mm512_castps_si512(_mm512_loadu_ps(t + 48)));
+      P[pl][q] = _mm512_mask_blend_epi8(upper, lo, hi);
     }
-#else
-    for (int64_t o = o0; o < o1; ++o) {
-      float a = first ? 0.f : y[o];
-      for (int64_t i = i0; i < i1; ++i) a += lut[i * S + (codesT[i * O + o] & mask)];
-      if (last) a = a * scales[o] + (bias ? bias[o] : 0.f);
-      y[o] = a;
-    }
-#endif
   }
+  const __m512i vmask = _mm512_set1_epi8(static_cast<char>(mask));
+  for (int64_t blk = b; blk < e; ++blk) {
+    __m512i c = _mm512_loadu_si512(codes + blk * 64);
+    if (mask != 0xFF) c = _mm512_and_si512(c, vmask);
+    const __mmask64 top = _mm512_movepi8_mask(c);
+    __m512i v[4];
+    for (int pl = 0; pl < 4; ++pl)
+      v[pl] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(P[pl][0], c, P[pl][1]),
+                                     _mm512_permutex2var_epi8(P[pl][2], c, P[pl][3]));
+    const __m512i w0 = _mm512_unpacklo_epi8(v[0], v[1]), w1 = _mm512_unpackhi_epi8(v[0], v[1]);
+    const __m512i w2 = _mm512_unpacklo_epi8(v[2], v[3]), w3 = _mm512_unpackhi_epi8(v[2], v[3]);
+    float* yb = ybuf + blk * 64;
+    const __m512i r[4] = {_mm512_unpacklo_epi16(w0, w2), _mm512_unpackhi_epi16(w0, w2),
+                          _mm512_unpacklo_epi16(w1, w3), _mm512_unpackhi_epi16(w1, w3)};
+    for (int j = 0; j < 4; ++j)
+      _mm512_storeu_ps(yb + 16 * j, _mm512_add_ps(_mm512_loadu_ps(yb + 16 * j), _mm512_castsi512_ps(r[j])));
+  }
+}
+#endif
+
+// One input row: ybuf[o] = sum_i lut[i][codes_t[i][pos(o)]] over 64-output blocks [b, e).
+void lut_lookup_packed(const float* lut, const uint8_t* codesT, float* ybuf, int64_t O64, int64_t GK,
+                       int64_t S, uint32_t mask, int64_t b, int64_t e) {
+  for (int64_t o = b * 64; o < e * 64; ++o) ybuf[o] = 0.f;
+#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
+  alignas(64) float padded[256];
+  for (int64_t i = 0; i < GK; ++i) {
+    const float* t = lut + i * S;
+    if (S < 256) {  // B < 8: zero-pad; masked codes never reach the padding
+      for (int64_t c = 0; c < 256; ++c) padded[c] = c < S ? t[c] : 0.f;
+      t = padded;
+    }
+    lookup_planes(t, codesT + i * O64, ybuf, b, e, static_cast<uint8_t>(mask));
+  }
+#else
+  for (int64_t i = 0; i < GK; ++i) {
+    const float* t = lut + i * S;
+    const uint8_t* c = codesT + i * O64;
+    for (int64_t blk = b; blk < e; ++blk)
+      for (int64_t r = 0; r < 64; ++r) ybuf[blk * 64 + r] += t[c[blk * 64 + plane_pos(r)] & mask];
+  }
+#endif
+}
+
+float* out_scratch(int64_t n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
 }
 
 Tensor lut_packed_op(const Tensor& x, const Tensor& codes_t, const Tensor& cb_t, const Tensor& scales,
                      const c10::optional<Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu(), "aqlmkit cpu kernels need CPU tensors");
   TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.is_contiguous(),
-              "aqlmkit cpu_lut_packed: codes_t must be contiguous int8 [G*K, O] (kernels.cpu.pack)");
+              "aqlmkit cpu_lut_packed: codes_t must be contiguous int8 [G*K, O padded to 64] (kernels.cpu.pack)");
   TORCH_CHECK(cb_t.dim() == 3 && cb_t.scalar_type() == at::kFloat && cb_t.is_contiguous() && cb_t.size(2) <= 256,
               "aqlmkit cpu_lut_packed: cb_t must be contiguous fp32 [K, g, 2^B<=256]");
-  const int64_t GK = codes_t.size(0), O = codes_t.size(1);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == O,
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 1,
               "aqlmkit cpu_lut_packed: scales must be contiguous fp32 [O]");
+  const int64_t GK = codes_t.size(0), O64 = codes_t.size(1), O = scales.numel();
+  TORCH_CHECK(O64 == (O + 63) / 64 * 64, "aqlmkit cpu_lut_packed: codes_t has ", O64,
+              " columns, expected O=", O, " rounded up to 64 (kernels.cpu.pack)");
   const bool has_bias = bias.has_value() && bias->defined();
   if (has_bias)
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O,
@@ -364,20 +398,22 @@ Tensor lut_packed_op(const Tensor& x, const Tensor& codes_t, const Tensor& cb_t,
   Tensor out = at::empty({s.N, O}, x2.options());
   if (s.N > 0 && O > 0) {
     float* lut = lut_scratch(s.N * GK * s.S);
-    const float* xp = x2.data_ptr<float>();
-    build_lut_packed(xp, cb_t.data_ptr<float>(), lut, s);
+    float* ybuf = out_scratch(s.N * O64);
+    build_lut_packed(x2.data_ptr<float>(), cb_t.data_ptr<float>(), lut, s);
     const uint8_t* ct = reinterpret_cast<const uint8_t*>(codes_t.data_ptr<int8_t>());
     const float* sc = scales.data_ptr<float>();
     const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
     float* y = out.data_ptr<float>();
     const uint32_t mask = static_cast<uint32_t>(s.S - 1);
-    // Blocks of 64 outputs; ~64K lookups per thread before a second thread is worth its fork/join.
-    const int64_t nblk = (O + 63) / 64;
+    const int64_t nblk = O64 / 64;
     const int64_t grain = std::max<int64_t>(1, kLookupsPerThread / std::max<int64_t>(1, 64 * GK * s.N));
     at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
-      const int64_t o0 = b * 64, o1 = std::min(O, e * 64);
-      for (int64_t n = 0; n < s.N; ++n)
-        lut_lookup_packed(lut + n * GK * s.S, ct, sc, bp, y + n * O, O, GK, s.S, mask, o0, o1);
+      for (int64_t n = 0; n < s.N; ++n) {
+        float* yb = ybuf + n * O64;
+        lut_lookup_packed(lut + n * GK * s.S, ct, yb, O64, GK, s.S, mask, b, e);
+        float* yn = y + n * O;
+        for (int64_t o = b * 64; o < std::min(O, e * 64); ++o) yn[o] = yb[o] * sc[o] + (bp ? bp[o] : 0.f);
+      }
     });
   }
   auto sizes = x.sizes().vec();
@@ -443,11 +479,24 @@ void dequant_rows(const CODE* codes, const float* cb, const float* scales, float
                   int64_t rows, const Shape& s) {
   const uint32_t mask = static_cast<uint32_t>(s.S - 1);
   const int64_t GK = s.G * s.K;
-  at::parallel_for(0, rows, 4, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const CODE* code = codes + (o0 + r) * GK;
       float* wr = w + r * s.in;
       const float sc = scales[o0 + r];
+      if (s.g % 8 == 0) {  // codewords as 8-float vectors: K loads + adds, one scaled store
+        const __m256 vs = _mm256_set1_ps(sc);
+        for (int64_t j = 0; j < s.G; ++j) {
+          const CODE* cj = code + j * s.K;
+          for (int64_t d = 0; d < s.g; d += 8) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < s.K; ++k)
+              acc = _mm256_add_ps(acc, _mm256_loadu_ps(cb + (k * s.S + (static_cast<uint32_t>(cj[k]) & mask)) * s.g + d));
+            _mm256_storeu_ps(wr + j * s.g + d, _mm256_mul_ps(acc, vs));
+          }
+        }
+        continue;
+      }
       for (int64_t j = 0; j < s.G; ++j) {
         float* wj = wr + j * s.g;
         for (int64_t d = 0; d < s.g; ++d) wj[d] = 0.f;
@@ -540,7 +589,10 @@ Tensor dequant_op(const Tensor& x, const Tensor& codes, const Tensor& codebooks,
   Tensor c = codes.contiguous(), cb = codebooks.to(at::kFloat).contiguous();
   const Shape& s = p.s;
   const int64_t tile = std::max<int64_t>(16, std::min<int64_t>(s.O, tile_elems / std::max<int64_t>(1, s.in)));
-  Tensor w = at::empty({tile, s.in}, p.x2.options());
+  // The tile is reused across calls: a fresh multi-MiB buffer per call is mmap + page faults.
+  thread_local std::vector<float> wbuf;
+  if (static_cast<int64_t>(wbuf.size()) < tile * s.in) wbuf.resize(tile * s.in);
+  Tensor w = at::from_blob(wbuf.data(), {tile, s.in}, p.x2.options());
   for (int64_t o0 = 0; o0 < s.O; o0 += tile) {
     const int64_t rows = std::min(tile, s.O - o0);
     if (c.scalar_type() == at::kChar)
