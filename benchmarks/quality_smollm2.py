@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import datetime as dt
 import time
 from pathlib import Path
@@ -33,13 +34,14 @@ RESULTS = Path(__file__).parent / "results"
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
-    p.add_argument("--schemes", default="1x8g8,2x8g8,3x8g8")
+    p.add_argument("--schemes", default="2x8g8,4x8g16,3x8g8")
     p.add_argument("--bits", default="2,3,4", help="RTN/GPTQ bit widths")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=2048)
+    p.add_argument("--finetune-epochs", type=int, default=None, help="block fine-tuning epochs (default: the CLI's)")
     p.add_argument("--smoke", action="store_true", help="tiny settings to check the script runs")
     p.add_argument("--out", default=str(RESULTS))
     return p.parse_args()
@@ -48,6 +50,8 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     a = parse()
     overrides = {"calibration": {"nsamples": a.nsamples, "seqlen": a.seqlen}}
+    if a.finetune_epochs is not None:
+        overrides["finetune"] = {"epochs": a.finetune_epochs}
     if a.smoke:
         overrides = {"calibration": {"nsamples": 2, "seqlen": 64},
                      "layer": {"max_epochs": 1, "steps_per_epoch": 2, "init_max_iter": 2},
@@ -83,7 +87,8 @@ def main() -> None:
             del m
     data = {"model": a.model, "date": dt.datetime.now().isoformat(timespec="seconds"),
             "threads": torch.get_num_threads(), "smoke": a.smoke, "eval_tokens": a.eval_tokens,
-            "calibration": f"{calib.nsamples}x{calib.seqlen}", "rows": rows}
+            "calibration": f"{calib.nsamples}x{calib.seqlen}", "finetune_epochs": ft.epochs,
+            "load_average": os.getloadavg(), "rows": rows}
     stem = Path(a.out) / f"{dt.date.today().isoformat()}_cpu_quality{'_smoke' if a.smoke else ''}"
     save_report(stem, data, plot=lambda fig: _plot(fig, rows))
     for r in rows:

@@ -46,6 +46,7 @@ def test_quantize_model_end_to_end(make_tiny_model, tmp_path, family, extra):
     assert names and not any(n.endswith("down_proj") for n in names)
     assert all(not n.endswith(("mlp.gate", "shared_expert_gate")) for n in names)
     assert isinstance(model.lm_head, torch.nn.Linear)  # embeddings/lm_head stay fp
+    assert model.config.use_cache == fp.config.use_cache  # saved checkpoints keep their KV cache
     with torch.no_grad():
         q, ref = model(_ids(2, 16, 5)).logits, fp(_ids(2, 16, 5)).logits
     assert 0 < _rel(q, ref) < 0.5

@@ -41,7 +41,7 @@ def register(sub) -> None:
     g.add_argument("--lr", type=float, help="codebook Adam learning rate")
     g.add_argument("--init-iters", type=int, help="k-means iterations of the codebook init (default 10)")
     g = p.add_argument_group("block fine-tuning")
-    g.add_argument("--finetune-epochs", type=int, help="0 disables (default 2)")
+    g.add_argument("--finetune-epochs", type=int, help="0 disables (default 1)")
     g.add_argument("--finetune-lr", type=float)
     g = p.add_argument_group("run")
     g.add_argument("--work-dir", help="resume state folder (default: in the aqlmkit cache)")

@@ -19,7 +19,7 @@ from aqlmkit.errors import AqlmkitError
 # dataclass defaults stay the paper's (128 x 4096 tokens) for the Python API.
 QUICK_CALIB = dict(nsamples=16, seqlen=512)
 QUICK_LAYER = dict(max_epochs=4, steps_per_epoch=20, init_max_iter=10, beam_size=1)
-QUICK_FINETUNE = dict(epochs=2, lr=1e-4)
+QUICK_FINETUNE = dict(epochs=1, lr=1e-4)
 
 
 @dataclass

@@ -76,8 +76,10 @@ def quantize_model(model: nn.Module, tokenizer, scheme: Scheme | str, calib: Cal
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     model.eval()
-    if getattr(model, "config", None) is not None:
-        model.config.use_cache = False
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    if config is not None:  # calibration runs whole windows; a KV cache would only cost memory
+        config.use_cache = False
     layout = get_layout(model)
     ids = _check_ids(calibration_data if calibration_data is not None else calibration_ids(tokenizer, calib), calib)
     identity = _identity(model, scheme, calib, layer, finetune, ids)
@@ -113,6 +115,8 @@ def quantize_model(model: nn.Module, tokenizer, scheme: Scheme | str, calib: Cal
             bar.set_postfix_str(f"block {i} ft {st['finetune_loss_before']:.3e}->{st['finetune_loss_after']:.3e}")
     finally:
         bar.close()
+        if config is not None:  # the saved checkpoint must still generate with a KV cache
+            config.use_cache = use_cache
     write_report(ckpt.dir / "quantize_report", model, scheme, stats, time.time() - t0)
     return model
 
