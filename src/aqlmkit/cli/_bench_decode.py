@@ -167,8 +167,19 @@ def layer_micro(model: nn.Module, s: Scheme, repeats: int = 200) -> list[dict]:
 
 def run_decode_bench(schemes: list[str], new_tokens: int = 32, prompt_len: int = 128,
                      repeats: int = 3, random: bool = False, out_dir: str | None = None,
-                     micro_iters: int = 200) -> dict:
-    """Full benchmark; prints the tables and writes benchmarks/results/<date>_cpu_decode.json."""
+                     micro_iters: int = 200, threads: int | None = None) -> dict:
+    """Full benchmark; prints the tables and writes benchmarks/results/<date>_cpu_decode.json.
+
+    ``threads`` pins torch's intra-op threads for every variant (on a machine shared with other
+    jobs, 1 thread gives stable numbers; 2+ threads then mostly measure the scheduler)."""
+    if threads:
+        torch.set_num_threads(threads)
+        try:  # the official kernel runs on numba's own thread pool: same thread count for all
+            import numba
+
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
     model, label = base_model(random)
     result = {"machine": machine_info(), "model": label, "new_tokens": new_tokens,
               "prompt_len": prompt_len, "repeats": repeats, "schemes": {}}

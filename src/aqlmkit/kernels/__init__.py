@@ -135,10 +135,13 @@ def aqlm_linear_cached(
     Not for tracing: compiled code should call :func:`aqlm_linear`.
     """
     grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
-    key = (os.environ.get("AQLMKIT_KERNEL", ""), x.dtype, x.device, grad,
-           codes.data_ptr(), codes._version, codebooks.data_ptr(), codebooks._version,
-           scales.data_ptr(), scales._version,
-           None if bias is None else (bias.data_ptr(), bias._version))
+    try:
+        key = (os.environ.get("AQLMKIT_KERNEL", ""), x.dtype, x.device, grad,
+               codes.data_ptr(), codes._version, codebooks.data_ptr(), codebooks._version,
+               scales.data_ptr(), scales._version,
+               None if bias is None else (bias.data_ptr(), bias._version))
+    except RuntimeError:  # parameters created under inference_mode have no version counter
+        return aqlm_linear(x, codes, codebooks, scales, bias)
     entry = cache.get("entry")
     if entry is None or entry[0] != key:
         name = select(x, codes, codebooks)

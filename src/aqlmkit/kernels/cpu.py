@@ -9,6 +9,11 @@ Path choice per call (rows = product of the leading dims of x):
   * B <= 8, rows <= LUT_MAX_ROWS:  ``cpu_lut_linear`` (lookup tables of x . codeword)
   * other B, rows <= GATHER_MAX_ROWS: ``cpu_gather_linear`` (per-row codeword decode + FMA)
   * otherwise: ``cpu_dequant_linear`` (dequantize row tiles + GEMM), for prefill.
+``QuantizedLinear`` in eager inference goes through ``kernels.aqlm_linear_cached``: operands are
+packed once per layer (:func:`pack`) and decode-size calls run ``cpu_lut_packed_linear``
+(byte-plane table lookups with AVX-512 VBMI, 64 outputs per instruction). ``cpu_half_linear``
+is a GEMV over fp16/bf16-stored dense weights with fp32 activations (for unquantized layers kept
+in half precision, e.g. an AQLM checkpoint's lm_head).
 """
 from __future__ import annotations
 

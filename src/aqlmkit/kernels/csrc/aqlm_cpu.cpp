@@ -9,6 +9,9 @@
 //           codebook stays in L2, so nothing is dequantized up front.
 //   dequant prefill: dequantize tiles of output rows into an fp32 buffer and call at::mm, so
 //           large batches run at GEMM speed without materializing a big layer at once.
+//   lut_packed  the decode path of QuantizedLinear: same math as lut on operands packed once per
+//           layer (kernels.cpu.pack); lookups via AVX-512 VBMI byte permutes (see lookup_planes).
+//   half    dense GEMV over fp16/bf16-stored weights with fp32 activations and accumulation.
 // Codes arrive as int8/int16 two's complement; they are masked to [0, 2^B) everywhere.
 #include <torch/library.h>
 #include <ATen/ATen.h>
