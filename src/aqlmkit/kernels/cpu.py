@@ -31,7 +31,9 @@ GATHER_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_GATHER_MAX_ROWS", "8"))
 # Prefill dequantizes up to this many weights per GEMM (16 MiB fp32: whole layers of small models,
 # so one large at::mm writes straight into the output; the buffer is reused across calls).
 TILE_ELEMS = int(os.environ.get("AQLMKIT_CPU_TILE_ELEMS", str(1 << 22)))
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+# AQLMKIT_CPU_CFLAGS adds flags (e.g. "-mno-avx512f" for a portable build without AVX-512); the
+# build cache is keyed on the flags, so each variant gets its own binary.
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", *os.environ.get("AQLMKIT_CPU_CFLAGS", "").split()]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"loaded": None}  # None: not tried; True: ok; str: failure reason
