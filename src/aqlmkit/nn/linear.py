@@ -140,7 +140,7 @@ class QuantizedLinear(nn.Module):
                 f"bits_per_weight={self.bits_per_weight:.3f}")
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
+def is_skipped(name: str, skip: Iterable[str]) -> bool:
     """Skip entries name a module ("lm_head") or its weight ("lm_head.weight"), fully or as a suffix."""
     for s in skip:
         s = s[: -len(".weight")] if s.endswith(".weight") else s
@@ -157,7 +157,7 @@ def replace_linears(model: nn.Module, scheme: Scheme | str, skip: Iterable[str] 
     """
     s, skip = _as_scheme(scheme), tuple(skip)
     targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and not _skipped(n, skip)]
+               if type(m) is nn.Linear and not is_skipped(n, skip)]
     for name, lin in targets:
         s.check_shape(lin.out_features, lin.in_features, name)
         new = QuantizedLinear(lin.in_features, lin.out_features, s, bias=lin.bias is not None,

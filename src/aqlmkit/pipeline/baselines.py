@@ -15,7 +15,8 @@ from torch import nn
 
 from aqlmkit.models import get_layout
 from aqlmkit.pipeline.activations import capture_block_inputs, run_block
-from aqlmkit.pipeline.block import collect_hessians, is_skipped
+from aqlmkit.nn.linear import is_skipped
+from aqlmkit.pipeline.block import collect_hessians
 
 
 def baseline_bits(bits: int, group_size: int) -> float:

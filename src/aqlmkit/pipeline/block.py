@@ -15,6 +15,7 @@ from torch import nn
 from aqlmkit.config import FinetuneConfig, LayerQuantConfig, Scheme
 from aqlmkit.engine.metrics import relative_error
 from aqlmkit.nn import QuantizedLinear
+from aqlmkit.nn.linear import is_skipped
 from aqlmkit.pipeline.activations import block_forward, run_block
 from aqlmkit.pipeline.block_finetune import finetune_block
 from aqlmkit.pipeline.hessian import HessianAccumulator
@@ -25,15 +26,6 @@ def quantize_linear(weight, hessian, scheme, cfg, *, name="", progress=True):
     from aqlmkit.engine import quantize_linear as engine_quantize
 
     return engine_quantize(weight, hessian, scheme, cfg, name=name, progress=progress)
-
-
-def is_skipped(name: str, skip: Iterable[str]) -> bool:
-    """``skip`` entries match a full dotted name or its suffix ("down_proj", "layers.0.mlp.down_proj")."""
-    for s in skip:
-        s = s[: -len(".weight")] if s.endswith(".weight") else s
-        if name == s or name.endswith("." + s):
-            return True
-    return False
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

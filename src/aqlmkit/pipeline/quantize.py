@@ -20,7 +20,8 @@ from aqlmkit.errors import AqlmkitError
 from aqlmkit.models import get_layout
 from aqlmkit.nn import QuantizedLinear
 from aqlmkit.pipeline.activations import capture_block_inputs
-from aqlmkit.pipeline.block import is_skipped, quantize_block, set_submodule
+from aqlmkit.nn.linear import is_skipped
+from aqlmkit.pipeline.block import quantize_block, set_submodule
 from aqlmkit.pipeline.checkpoint import Checkpoint, model_fingerprint, tensor_hash
 from aqlmkit.pipeline.report import write_report
 

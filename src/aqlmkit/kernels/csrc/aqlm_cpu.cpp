@@ -174,12 +174,12 @@ inline void lut_block4(const float* const xs[4], const float* cb, float* const o
 }
 #endif
 
-void build_lut(const float* x, const float* cbT, float* lut, const Shape& s) {
+void build_lut(const float* x, const float* cbT, float* lut, const Shape& s, int64_t grain = 4) {
   // lut[n][j][k][c] = sum_d x[n, j*g + d] * cbT[k][d][c]; t = n*G + j indexes (row, group) pairs.
   const int64_t rowsz = s.G * s.K * s.S, T = s.N * s.G;
   auto xs_of = [&](int64_t t) { return x + (t / s.G) * s.in + (t % s.G) * s.g; };
   auto out_of = [&](int64_t t, int64_t k) { return lut + (t / s.G) * rowsz + ((t % s.G) * s.K + k) * s.S; };
-  at::parallel_for(0, (T + 3) / 4, 4, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, (T + 3) / 4, grain, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
       const int64_t t0 = blk * 4;
 #if defined(__AVX512F__)
@@ -271,29 +271,9 @@ float* lut_scratch(int64_t n) {
 }
 
 void build_lut_packed(const float* x, const float* cbT, float* lut, const Shape& s) {
-  const int64_t rowsz = s.G * s.K * s.S, T = s.N * s.G;
-  auto xs_of = [&](int64_t t) { return x + (t / s.G) * s.in + (t % s.G) * s.g; };
-  auto out_of = [&](int64_t t, int64_t k) { return lut + (t / s.G) * rowsz + ((t % s.G) * s.K + k) * s.S; };
-  // ~256K FMAs per thread before a second thread pays for its fork/join.
+  // ~4M FMAs per thread before a second thread pays for its fork/join.
   const int64_t per_blk = 4 * s.K * s.S * s.g;
-  const int64_t grain = std::max<int64_t>(1, kBuildFmaPerThread / std::max<int64_t>(1, per_blk));
-  at::parallel_for(0, (T + 3) / 4, grain, [&](int64_t b, int64_t e) {
-    for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t t0 = blk * 4;
-#if defined(__AVX512F__)
-      if (t0 + 4 <= T && s.S % 64 == 0) {
-        const float* xs[4] = {xs_of(t0), xs_of(t0 + 1), xs_of(t0 + 2), xs_of(t0 + 3)};
-        for (int64_t k = 0; k < s.K; ++k) {
-          float* out[4] = {out_of(t0, k), out_of(t0 + 1, k), out_of(t0 + 2, k), out_of(t0 + 3, k)};
-          lut_block4(xs, cbT + k * s.g * s.S, out, s.g, s.S);
-        }
-        continue;
-      }
-#endif
-      for (int64_t t = t0; t < std::min(T, t0 + 4); ++t)
-        for (int64_t k = 0; k < s.K; ++k) lut_block(xs_of(t), cbT + k * s.g * s.S, out_of(t, k), s.g, s.S);
-    }
-  });
+  build_lut(x, cbT, lut, s, std::max<int64_t>(1, kBuildFmaPerThread / std::max<int64_t>(1, per_blk)));
 }
 
 // Output position <-> code position inside a block of 64 outputs. The byte-plane lookup below
