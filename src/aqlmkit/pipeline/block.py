@@ -7,7 +7,7 @@ compensate its predecessors' error (AQLM paper, sec. 3.3).
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import nn
