@@ -52,7 +52,8 @@ def _time_us(fn, iters: int, device: torch.device) -> float:
 
 @torch.inference_mode()
 def microbench(scheme: str, shape: str, batches: list[int], device: str, dtype: str, iters: int) -> list[dict]:
-    """us/call of aqlmkit.kernels.aqlm_linear vs F.linear on the dense weight, same dtype."""
+    """us/call of the path QuantizedLinear takes (kernels.aqlm_linear_cached: operands packed once
+    per layer) vs F.linear on the dense weight, same dtype."""
     from aqlmkit import kernels
     from aqlmkit.formats.loading import resolve_device
     from aqlmkit.kernels.reference import dequantize
@@ -70,7 +71,8 @@ def microbench(scheme: str, shape: str, batches: list[int], device: str, dtype: 
     for b in batches:
         x = torch.randn(b, i, device=dev, dtype=dt)
         backend = kernels.select(x, codes, cb)
-        q = _time_us(lambda: kernels.aqlm_linear(x, codes, cb, scales), iters, dev)
+        cache: dict = {}
+        q = _time_us(lambda: kernels.aqlm_linear_cached(x, codes, cb, scales, None, cache), iters, dev)
         d = _time_us(lambda: torch.nn.functional.linear(x, w), iters, dev)
         rows.append({"batch": b, "backend": backend, "aqlm_us": q, "dense_us": d, "speedup": d / q})
     return rows
