@@ -5,6 +5,9 @@ KV cache) with random weights built directly on the GPU. One decode step (embedd
 lm_head -> argmax fed back as the next token) is captured in a CUDA graph and replayed, so the
 numbers measure kernels, not Python. The AQLM variants swap every block linear for
 aqlmkit.nn.QuantizedLinear with random codes (lm_head and embeddings stay fp16, as in AQLM models).
+With --compile the step is also compiled by torch.compile (fullgraph; inductor fuses the norms,
+RoPE and SwiGLU elementwise work; our kernels stay opaque custom ops) before it is captured, which
+is closer to a tuned runtime (gpt-fast) than the eager step. Both runs go in the JSON.
 Writes benchmarks/results/<date>_<device>_gpu_decode.json.
 """
 from __future__ import annotations
@@ -97,9 +100,27 @@ class Model(nn.Module):
         pos.add_(1)
 
 
+def kernel_census(model: nn.Module, tok: torch.Tensor, pos: torch.Tensor, top: int = 8) -> dict:
+    """GPU kernels one decode step launches (count, total us, the costliest names): what the
+    step spends outside the linears is what caps the end-to-end ratio."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model.step(tok, pos)
+        torch.cuda.synchronize()
+    evs = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.count]
+    evs.sort(key=lambda e: -e.device_time_total)
+    return {"kernels": sum(e.count for e in evs),
+            "us": round(sum(e.device_time_total for e in evs), 1),
+            "top": [(e.key[:60], e.count, round(e.device_time_total, 1)) for e in evs[:top]]}
+
+
 @torch.inference_mode()
-def tokens_per_s(scheme: str | None, steps: int) -> float:
+def tokens_per_s(scheme: str | None, steps: int, compile_step: bool = False,
+                 census: dict | None = None) -> float:
     model = Model(scheme)
+    if compile_step:  # the whole step as one graph; fullgraph: a graph break is an error
+        model.step = torch.compile(model.step, fullgraph=True, dynamic=False)
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
     s = torch.cuda.Stream()
@@ -108,6 +129,8 @@ def tokens_per_s(scheme: str | None, steps: int) -> float:
         for _ in range(3):
             model.step(tok, pos)
     torch.cuda.current_stream().wait_stream(s)
+    if census is not None:
+        census.update(kernel_census(model, tok, pos))
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         model.step(tok, pos)
@@ -131,18 +154,29 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--schemes", default="2x8g8,1x16g8")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd step")
+    ap.add_argument("--census", action="store_true", help="profile one step: kernels launched")
     args = ap.parse_args()
     assert args.steps < MAXLEN - 10
     torch.manual_seed(0)
-    res = {"fp16": tokens_per_s(None, args.steps)}
-    print(f"fp16: {res['fp16']:.1f} tok/s", flush=True)
-    for sch in args.schemes.split(","):
-        res[sch] = tokens_per_s(sch, args.steps)
-        print(f"{sch}: {res[sch]:.1f} tok/s = {res[sch] / res['fp16']:.2f}x fp16", flush=True)
-    name = torch.cuda.get_device_name(0)
-    date = dt.date.today().isoformat()
-    data = {"device": name, "date": date, "model": "llama-2-7b-shaped, random weights", "batch": 1,
-            "tokens_per_s": res, "speedup_vs_fp16": {k: v / res["fp16"] for k, v in res.items()}}
+    data = {"device": torch.cuda.get_device_name(0), "date": dt.date.today().isoformat(),
+            "model": "llama-2-7b-shaped, random weights", "batch": 1}
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        res, census = {}, {}
+        for sch in ["fp16", *args.schemes.split(",")]:
+            census[sch] = {}
+            res[sch] = tokens_per_s(None if sch == "fp16" else sch, args.steps, mode == "compiled",
+                                    census[sch] if args.census else None)
+            print(f"[{mode}] {sch}: {res[sch]:.1f} tok/s = {res[sch] / res['fp16']:.2f}x fp16", flush=True)
+            if args.census:
+                print(f"    one step: {census[sch]['kernels']} kernels, {census[sch]['us']} us of "
+                      f"kernel time; top: {census[sch]['top'][:4]}", flush=True)
+        key = "" if mode == "eager" else "compiled_"
+        data[f"{key}tokens_per_s"] = res
+        data[f"{key}speedup_vs_fp16"] = {k: v / res["fp16"] for k, v in res.items()}
+        if args.census:
+            data[f"{key}kernel_census"] = census
+    name, date = data["device"], data["date"]
     out = Path(args.out) / f"{date}_{name.replace(' ', '_')}_gpu_decode.json"
     atomic_save_json(out, data)
     print(f"wrote {out}")

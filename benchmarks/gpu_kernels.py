@@ -5,7 +5,7 @@ that weights stream from HBM (> 4x L2), as in a real decode step. All three are 
 same run. Prints the ratio table and writes benchmarks/results/<date>_<device>_gpu_kernels.json.
 Usage: PYTHONPATH=src python benchmarks/gpu_kernels.py [--quick] [--out DIR]
        [--schemes 2x8g8,1x8g8] [--batches 1,4] [--shapes 4096x4096,28672x8192] [--tag lut]
-(us_lut: the split-K LUT kernel, timed wherever it applies: 1x8g8/2x8g8, batch <= 4.)
+(us_<path>: every kernel path timed wherever it applies; "us" is the default dispatch.)
 """
 from __future__ import annotations
 
@@ -91,11 +91,12 @@ def bench_shape(out_f, in_f, schemes, batches, official, fp16_cache):
                                          layers[0][2].float())
             err = ((y0.float() - want).norm() / want.norm()).item()
             t = {"us": time_graph([lambda L=L: kc.run(x, *L) for L in layers])}
-            t["us_gemv"] = time_graph([lambda L=L: kc.run(x, *L, force="gemv") for L in layers])
-            if kc.lut_applies(batch, layers[0][0], layers[0][1]):
-                y1 = kc.run(x, *layers[0], force="lut")
-                t["lut_rel_err"] = ((y1.float() - want).norm() / want.norm()).item()
-                t["us_lut"] = time_graph([lambda L=L: kc.run(x, *L, force="lut") for L in layers])
+            for path in ("gemv", "lut", "mma"):  # every specialised path that applies
+                if kc.applies(path, batch, layers[0][0], layers[0][1], in_f):
+                    yp = kc.run(x, *layers[0], force=path)
+                    t[f"{path}_rel_err"] = ((yp.float() - want).norm() / want.norm()).item()
+                    t[f"us_{path}"] = time_graph([lambda L=L, p=path: kc.run(x, *L, force=p)
+                                                  for L in layers])
             t["us_dequant_cublas"] = time_graph([lambda L=L: kc.run(x, *L, force="dequant")
                                                  for L in layers])
             if official is not None:
@@ -114,8 +115,8 @@ def bench_shape(out_f, in_f, schemes, batches, official, fp16_cache):
             row = {"shape": f"{out_f}x{in_f}", "scheme": scheme, "batch": batch, **t,
                    "us_fp16": us16, "speedup_vs_fp16": us16 / t["us"],
                    "speedup_vs_official": (t["us_official"] / t["us"]) if "us_official" in t else None,
-                   "speedup_lut_vs_fp16": (us16 / t["us_lut"]) if "us_lut" in t else None,
-                   "speedup_lut_vs_gemv": (t["us_gemv"] / t["us_lut"]) if "us_lut" in t else None,
+                   "best_path": min((p for p in kc.PATHS if f"us_{p}" in t or p == "dequant"),
+                                    key=lambda p: t.get(f"us_{p}", t["us_dequant_cublas"])),
                    "path": kc.default_path(batch, layers[0][0], layers[0][1], in_f),
                    "rel_err": err}
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
@@ -150,14 +151,15 @@ def main() -> None:
         rows += bench_shape(out_f, in_f, schemes, batches, official, cache)
     name = torch.cuda.get_device_name(0)
     date = dt.date.today().isoformat()
-    print(f"\n{'shape':>12} {'scheme':>8} {'b':>3} {'us':>8} {'gemv':>8} {'dq+mm':>8} {'fp16':>8} "
-          f"{'official':>8} {'x fp16':>7} {'x off':>6} {'lut':>8} {'lut/16':>7}")
+    nan = float("nan")
+    print(f"\n{'shape':>12} {'scheme':>7} {'b':>3} {'us':>7} {'gemv':>7} {'lut':>7} {'mma':>7} "
+          f"{'dq+mm':>7} {'fp16':>7} {'offic.':>7} {'x fp16':>6} {'x off':>6}  best")
     for r in rows:
-        off = r.get("us_official")
-        print(f"{r['shape']:>12} {r['scheme']:>8} {r['batch']:>3} {r['us']:8.1f} {r['us_gemv']:8.1f} "
-              f"{r['us_dequant_cublas']:8.1f} {r['us_fp16']:8.1f} {off or float('nan'):8.1f} "
-              f"{r['speedup_vs_fp16']:7.2f} {r['speedup_vs_official'] or float('nan'):6.2f} "
-              f"{r.get('us_lut', float('nan')):8.1f} {r['speedup_lut_vs_fp16'] or float('nan'):7.2f}")
+        us = " ".join(f"{r.get(k) or nan:7.1f}" for k in
+                      ("us", "us_gemv", "us_lut", "us_mma", "us_dequant_cublas", "us_fp16",
+                       "us_official"))
+        print(f"{r['shape']:>12} {r['scheme']:>7} {r['batch']:>3} {us} {r['speedup_vs_fp16']:6.2f} "
+              f"{r['speedup_vs_official'] or nan:6.2f}  {r['best_path']}")
     dev = name.replace(" ", "_")
     tag = f"_{args.tag}" if args.tag else ""
     out = Path(args.out) / f"{date}_{dev}_gpu_kernels{tag}.json"

@@ -3,7 +3,7 @@
 # each step under its own timeout so one failure does not eat the call. Logs and JSON go to $OUT.
 # Usage on the device: bash benchmarks/gpu_run_all.sh [quick]
 # Narrow runs (env): TEST_K='lut' (pytest -k), KERN_ARGS='--schemes 2x8g8 --batches 1,4 --tag lut',
-# SKIP_DECODE=1, SKIP_QB=1 (skip the decode / quantize_block steps).
+# SKIP_DECODE=1, SKIP_QB=1 (skip the decode / quantize_block steps), DEC_ARGS (default --compile --census).
 set -o pipefail
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT" benchmarks/results
 export PYTHONPATH=src PYTHONUNBUFFERED=1 MAX_JOBS=16 AQLMKIT_CACHE=/tmp/aqlmkit_cache
@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv
 step 200 build python3 -c "from aqlmkit.kernels import cuda; cuda.extension(); print('built')"
 step ${T_TESTS:-150} tests python3 -m pytest tests/test_gpu_kernels.py -q -x -p no:cacheprovider --timeout 120 ${TEST_K:+-k "$TEST_K"}
 step ${T_KERN:-240} kernels python3 benchmarks/gpu_kernels.py ${1:+--quick} ${KERN_ARGS:-}
-[ -n "${SKIP_DECODE:-}" ] || step ${T_DEC:-150} decode python3 benchmarks/gpu_decode.py --steps ${DEC_STEPS:-200}
+[ -n "${SKIP_DECODE:-}" ] || step ${T_DEC:-300} decode python3 benchmarks/gpu_decode.py --steps ${DEC_STEPS:-200} ${DEC_ARGS:---compile --census}
 if [ -z "${SKIP_QB:-}" ] && [ -f benchmarks/quantize_block.py ]; then step 200 quantize_block python3 benchmarks/quantize_block.py --time-budget 150; fi
 tail -n 20 /tmp/official_build.log >> "$OUT/all.log"
 cp benchmarks/results/*gpu_*.json benchmarks/results/*quantize_block*.json "$OUT"/ 2>/dev/null

@@ -62,6 +62,17 @@ def test_cu_sources_compile_for_sm80_and_sm90(tmp_path):
         assert not big, f"{src.name}: register spills over 64 bytes:\n" + "\n".join(big)
 
 
+# Minimal stand-ins for the two c10/cuda headers the binding uses, for CPU-only torch wheels
+# (which ship no CUDA headers): enough for a syntax and type check of everything else.
+STUB_HEADERS = {
+    "c10/cuda/CUDAGuard.h": "#pragma once\n#include <c10/core/Device.h>\nnamespace c10 { namespace cuda {"
+                            " struct CUDAGuard { explicit CUDAGuard(c10::Device) {} }; } }\n",
+    "c10/cuda/CUDAStream.h": "#pragma once\n#include <cuda_runtime_api.h>\nnamespace c10 { namespace cuda {"
+                             " struct CUDAStream { operator cudaStream_t() const { return nullptr; } };"
+                             " inline CUDAStream getCurrentCUDAStream() { return {}; } } }\n",
+}
+
+
 def test_binding_compiles(tmp_path):
     """g++ syntax check of the torch binding against torch's and CUDA's headers."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
@@ -69,10 +80,13 @@ def test_binding_compiles(tmp_path):
         pytest.skip("no C++ compiler")
     import sysconfig
 
-    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in torch_includes()):
-        pytest.skip("this torch build ships no CUDA headers (CPU-only wheel)")
     inc = [str(CSRC), *torch_includes(), str(cuda_home() / "include"), sysconfig.get_paths()["include"]]
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=aqlmkit_cuda_check",
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in torch_includes()):
+        for rel, text in STUB_HEADERS.items():  # CPU-only torch wheel: stub the CUDA-side headers
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / rel).write_text(text)
+        inc.insert(0, str(tmp_path))
+    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=aqlmkit_cuda_check",
            "-DTORCH_API_INCLUDE_EXTENSION_H", *[f"-I{p}" for p in inc], str(CSRC / "aqlm_cuda.cpp")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

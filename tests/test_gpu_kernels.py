@@ -184,11 +184,12 @@ def test_lut_dispatch_and_graph_capture(monkeypatch):
     from aqlmkit.kernels import cuda as kc
 
     layer = make_layer("2x8g8", 576, 1536, torch.float16, seed=21, bias=True)
-    monkeypatch.setattr(kc, "LUT_MAX_BATCH", {(2, 8, 8): 4})
-    monkeypatch.setattr(kc, "_LUT_ENV", "")
+    monkeypatch.setattr(kc, "DISPATCH", {(2, 8, 8): ((4, "lut", 0), (8, "gemv", 0))})
+    monkeypatch.setattr(kc, "_PATH_ENV", "")
     assert kc.default_path(4, layer[0], layer[1], 1536) == "lut"
     assert kc.default_path(5, layer[0], layer[1], 1536) == "gemv"
-    assert not kc.lut_applies(1, layer[0].to(torch.int16), layer[1])
+    assert kc.default_path(9, layer[0], layer[1], 1536) == "dequant"
+    assert not kc.applies("lut", 1, layer[0].to(torch.int16), layer[1], 1536)
     x = torch.randn(2, 1536, device="cuda", dtype=torch.float16)
     kc.run(x, *layer)  # warm-up outside capture
     s = torch.cuda.Stream()
@@ -202,3 +203,53 @@ def test_lut_dispatch_and_graph_capture(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         check(out, ref32(x, *layer), torch.float16)
+
+
+# --- tensor-core kernel: 2x8g8, 1x8g8, 1x16g8, batch 1..16 ----------------------------------------
+MMA_SHAPES = SHAPES + [(700, 2048), (333, 1552), (24, 4112)]  # ragged spans, rows not /16
+
+
+@pytest.mark.parametrize("scheme", ["2x8g8", "1x8g8", "1x16g8", "1x16g16"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_kernel_matches_reference(scheme, dtype):
+    from aqlmkit.kernels import cuda as kc
+
+    for si, (out_f, in_f) in enumerate(MMA_SHAPES):
+        if in_f % SCHEMES[scheme][2]:
+            continue
+        for batch in (1, 2, 5, 8, 9, 16):
+            layer = make_layer(scheme, out_f, in_f, dtype, seed=17 * si + batch,
+                               bias=(si + batch) % 2 == 1)
+            x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+            y = kc.run(x, *layer, force="mma")
+            check(y, ref32(x, *layer), dtype)
+
+
+@pytest.mark.parametrize("scheme", ["2x8g8", "1x16g8", "1x16g16"])
+def test_mma_unaligned_codes_and_determinism(scheme):
+    """Codes at an odd address take the guarded element loads; repeated calls agree bit for bit."""
+    from aqlmkit.kernels import cuda as kc
+
+    codes, cb, sc, bias = make_layer(scheme, 520, 1024, torch.float16, seed=19, bias=True)
+    store = torch.empty(codes.numel() + 1, device="cuda", dtype=codes.dtype)
+    odd = store[1:].view(codes.shape)
+    odd.copy_(codes)
+    assert odd.data_ptr() % 16 != 0 and odd.is_contiguous()
+    x = torch.randn(12, 1024, device="cuda", dtype=torch.float16)
+    y1 = kc.run(x, odd, cb, sc, bias, force="mma")
+    y2 = kc.run(x, codes, cb, sc, bias, force="mma")
+    check(y1, ref32(x, codes, cb, sc, bias), torch.float16)
+    assert torch.equal(y1, y2) and torch.equal(y2, kc.run(x, codes, cb, sc, bias, force="mma"))
+
+
+def test_default_paths_all_batches():
+    """Whatever DISPATCH picks for each scheme and batch 1..16 matches the reference."""
+    from aqlmkit.kernels import cuda as kc
+
+    for scheme in ("2x8g8", "1x8g8", "1x16g8", "1x16g16"):
+        layer = make_layer(scheme, 264, 1040, torch.float16, seed=23, bias=False)
+        for batch in range(1, 17):
+            x = torch.randn(batch, 1040, device="cuda", dtype=torch.float16)
+            path = kc.default_path(batch, layer[0], layer[1], 1040)
+            assert kc.applies(path, batch, layer[0], layer[1], 1040)
+            check(kc.run(x, *layer), ref32(x, *layer), torch.float16)

@@ -19,25 +19,33 @@ import torch.nn.functional as F
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.kernels import Backend, register_backend
 
-# (K, B, g) with a specialised batch-1..16 kernel, and the largest batch where it beats
-# dequantize + cuBLAS. Thresholds come from benchmarks/gpu_kernels.py on an H200 (docs/NOTES_gpu.md).
-GEMV_MAX_BATCH: dict[tuple[int, int, int], int] = {
-    (2, 8, 8): 8,
-    (1, 8, 8): 8,
-    (1, 16, 8): 8,
-    (1, 16, 16): 8,
+# Paths for batch <= 16 (larger batches always dequantize + cuBLAS):
+#   "gemv": CUDA-core kernel, one warp per row (1x16g8, 1x16g16, 2x8g8, 1x8g8),
+#   "lut":  split-K look-up tables of x . codeword (2x8g8, 1x8g8; batch <= 4),
+#   "mma":  codewords decoded into tensor-core fragments (2x8g8, 1x8g8, 1x16g8, 1x16g16).
+# DISPATCH[(K, B, g)] lists (largest batch, path, smallest out*in) in order: the first entry
+# whose batch bound covers the call and whose size floor the layer reaches wins. Chosen from
+# benchmarks/gpu_kernels.py on an H200 (results JSON, docs/NOTES_gpu.md): the LUT kernel's table
+# build and second launch cost more than they save on 4096x4096 at batch 1.
+DISPATCH: dict[tuple[int, int, int], tuple[tuple[int, str, int], ...]] = {
+    (2, 8, 8): ((2, "lut", 1 << 25), (1, "gemv", 0), (16, "mma", 0)),
+    (1, 8, 8): ((1, "lut", 1 << 25), (1, "gemv", 0), (2, "lut", 1 << 27), (16, "mma", 0)),
+    (1, 16, 8): ((1, "gemv", 0), (16, "mma", 0)),
+    (1, 16, 16): ((2, "gemv", 0), (16, "mma", 0)),
 }
-# Split-K look-up-table kernel (csrc/aqlm_cuda_lut.cuh) for these (K, B, g), batch 1..4. Used by
-# default only up to LUT_MAX_BATCH[scheme], filled in from a device run that showed it correct and
-# faster (docs/NOTES_gpu.md); empty = off. AQLMKIT_CUDA_LUT=1 turns it on for batch <= 4 (=0 off).
+GEMV_SCHEMES = ((2, 8, 8), (1, 8, 8), (1, 16, 8), (1, 16, 16))
 LUT_SCHEMES = ((2, 8, 8), (1, 8, 8))
-LUT_MAX_BATCH: dict[tuple[int, int, int], int] = {}
-_LUT_ENV = os.environ.get("AQLMKIT_CUDA_LUT", "")  # read once: keeps torch.compile tracing simple
+MMA_SCHEMES = ((2, 8, 8), (1, 8, 8), (1, 16, 8), (1, 16, 16))
+PATHS = ("gemv", "lut", "mma", "dequant")
+# AQLMKIT_CUDA_PATH=gemv|lut|mma|dequant pins one path wherever it applies (read once, so
+# torch.compile tracing stays simple); unset = the DISPATCH table.
+_PATH_ENV = os.environ.get("AQLMKIT_CUDA_PATH", "")
 ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90")
 CUDA_FLAGS = ("-O3", "-std=c++17", *ARCH_FLAGS)
 SOURCES = ("aqlm_cuda.cpp", "aqlm_cuda_dequant.cu", "aqlm_cuda_gemv_2x8g8.cu",
            "aqlm_cuda_gemv_1x8g8.cu", "aqlm_cuda_gemv_1x16g8.cu", "aqlm_cuda_gemv_1x16g16.cu",
-           "aqlm_cuda_lut_2x8g8.cu", "aqlm_cuda_lut_1x8g8.cu")
+           "aqlm_cuda_lut_2x8g8.cu", "aqlm_cuda_lut_1x8g8.cu", "aqlm_cuda_mma_2x8g8.cu",
+           "aqlm_cuda_mma_1x8g8.cu", "aqlm_cuda_mma_1x16g8.cu", "aqlm_cuda_mma_1x16g16.cu")
 
 _EXT: ModuleType | None = None
 _EXT_ERROR: str | None = None
@@ -104,6 +112,18 @@ def _(x, codes, codebooks, scales, bias):
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
+@torch.library.custom_op("aqlmkit::cuda_gemm_mma", mutates_args=(), device_types="cuda")
+def cuda_gemm_mma(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                  scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Tensor-core matmul for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..16; same contract as gemv."""
+    return extension().gemm_mma(x, codes, codebooks, scales, bias)
+
+
+@cuda_gemm_mma.register_fake
+def _(x, codes, codebooks, scales, bias):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
 @torch.library.custom_op("aqlmkit::cuda_dequant", mutates_args=(), device_types="cuda")
 def cuda_dequant(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Dense [out, in] weight in the codebooks' dtype, for any KxB/g with out_group_size 1."""
@@ -120,30 +140,33 @@ def scheme_key(codebooks: torch.Tensor) -> tuple[int, int, int]:
     return int(k), int(n).bit_length() - 1, int(g)
 
 
-def use_gemv(batch: int, codebooks: torch.Tensor, in_features: int) -> bool:
-    """The specialised on-the-fly kernel wins up to GEMV_MAX_BATCH rows; beyond it, dequant+cuBLAS."""
-    limit = GEMV_MAX_BATCH.get(scheme_key(codebooks), 0)
-    return 1 <= batch <= min(limit, 16) and in_features % 8 == 0
-
-
-def lut_applies(batch: int, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
-    """The LUT kernel can run this call (scheme, int8 codes, batch 1..4)."""
-    return (scheme_key(codebooks) in LUT_SCHEMES and codes.dtype == torch.int8
-            and 1 <= batch <= 4)
-
-
-def use_lut(batch: int, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
-    """Default choice of the LUT kernel: env override, else the measured LUT_MAX_BATCH table."""
-    if _LUT_ENV == "0" or not lut_applies(batch, codes, codebooks):
+def applies(path: str, batch: int, codes: torch.Tensor, codebooks: torch.Tensor,
+            in_features: int) -> bool:
+    """Whether ``path`` can run this call (scheme, code dtype, batch, shape)."""
+    key = scheme_key(codebooks)
+    code_ok = codes.dtype == (torch.int8 if key[1] <= 8 else torch.int16)
+    if path == "dequant":
+        return True
+    if batch < 1 or in_features % 8:
         return False
-    return _LUT_ENV == "1" or batch <= LUT_MAX_BATCH.get(scheme_key(codebooks), 0)
+    if path == "gemv":
+        return key in GEMV_SCHEMES and batch <= 16
+    if path == "lut":
+        return key in LUT_SCHEMES and code_ok and batch <= 4
+    if path == "mma":
+        return key in MMA_SCHEMES and code_ok and batch <= 16
+    raise AqlmkitError(f"unknown CUDA path {path!r}; expected one of {PATHS}")
 
 
 def default_path(batch: int, codes: torch.Tensor, codebooks: torch.Tensor, in_features: int) -> str:
-    """"lut" | "gemv" | "dequant": the path ``run`` takes without ``force``."""
-    if use_lut(batch, codes, codebooks):
-        return "lut"
-    return "gemv" if use_gemv(batch, codebooks, in_features) else "dequant"
+    """"gemv" | "lut" | "mma" | "dequant": the path ``run`` takes without ``force``."""
+    if _PATH_ENV and applies(_PATH_ENV, batch, codes, codebooks, in_features):
+        return _PATH_ENV
+    size = int(codes.shape[0]) * in_features
+    for max_batch, path, min_size in DISPATCH.get(scheme_key(codebooks), ()):
+        if batch <= max_batch and size >= min_size:
+            return path if applies(path, batch, codes, codebooks, in_features) else "dequant"
+    return "dequant"
 
 
 def supports(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
@@ -159,7 +182,7 @@ def supports(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> b
 
 def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
         bias: torch.Tensor | None = None, *, force: str | None = None) -> torch.Tensor:
-    """Dispatch one call. ``force`` ("gemv" | "lut" | "dequant") pins a path (tests, benchmarks)."""
+    """Dispatch one call. ``force`` (one of PATHS) pins a path (tests, benchmarks)."""
     out_f, in_f = codes.shape[0], codes.shape[1] * codebooks.shape[3]
     if x.shape[-1] != in_f:
         raise AqlmkitError(f"input has {x.shape[-1]} features but the layer expects {in_f}")
@@ -169,10 +192,10 @@ def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: t
     sc = scales.reshape(-1).to(x.dtype).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     path = force or default_path(x2.shape[0], codes, codebooks, in_f)
-    if path == "lut" and x2.shape[0] > 0:
-        y = torch.ops.aqlmkit.cuda_gemv_lut(x2, codes.contiguous(), cb, sc, b)
-    elif path == "gemv" and x2.shape[0] > 0:
-        y = torch.ops.aqlmkit.cuda_gemv(x2, codes.contiguous(), cb, sc, b)
+    ops = {"gemv": torch.ops.aqlmkit.cuda_gemv, "lut": torch.ops.aqlmkit.cuda_gemv_lut,
+           "mma": torch.ops.aqlmkit.cuda_gemm_mma}
+    if path in ops and x2.shape[0] > 0:
+        y = ops[path](x2, codes.contiguous(), cb, sc, b)
     else:
         w = torch.ops.aqlmkit.cuda_dequant(codes.contiguous(), cb, sc)
         y = F.linear(x2, w, b)

@@ -1,4 +1,5 @@
-// AQLM CPU kernels registered as torch.ops.aqlmkit.* (TORCH_LIBRARY_FRAGMENT, CPU impls).
+// AQLM CPU kernels registered as torch.ops.aqlmkit.* (TORCH_LIBRARY_FRAGMENT, CPU impls; the
+// packed decode op's implementation lives in aqlm_cpu_packed.cpp).
 //
 // Three paths, all computing y = x @ (scales * sum_k codebooks[k, codes[..., k]])^T + bias in fp32:
 //   lut     Kx{B<=8}, small batch: per input group, the dot products of x with every codeword
@@ -10,7 +11,7 @@
 //   dequant prefill: dequantize tiles of output rows into an fp32 buffer and call at::mm, so
 //           large batches run at GEMM speed without materializing a big layer at once.
 //   lut_packed  the decode path of QuantizedLinear: same math as lut on operands packed once per
-//           layer (kernels.cpu.pack); lookups via AVX-512 VBMI byte permutes (see lookup_planes).
+//           layer (kernels.cpu.pack); lookups via AVX-512 VBMI byte permutes (aqlm_cpu_packed.cpp).
 //   half    dense GEMV over fp16/bf16-stored weights with fp32 activations and accumulation.
 // Codes arrive as int8/int16 two's complement; they are masked to [0, 2^B) everywhere.
 #include <torch/library.h>
@@ -22,13 +23,14 @@
 #include <cstdint>
 #include <vector>
 
+#include "aqlm_cpu.h"
+
 namespace {
 
 using at::Tensor;
 
-struct Shape {
-  int64_t K, S, g, O, G, in, N;
-};
+using aqlmkit_cpu::Shape;
+using aqlmkit_cpu::build_lut;
 
 Shape shape_of(const Tensor& x2, const Tensor& codes, const Tensor& codebooks) {
   TORCH_CHECK(codebooks.dim() == 4 && codebooks.size(2) == 1,
@@ -174,29 +176,41 @@ inline void lut_block4(const float* const xs[4], const float* cb, float* const o
 }
 #endif
 
-void build_lut(const float* x, const float* cbT, float* lut, const Shape& s, int64_t grain = 4) {
+}  // namespace
+
+// Declared in aqlm_cpu.h: the packed decode path (aqlm_cpu_packed.cpp) builds its tables here too.
+void aqlmkit_cpu::build_lut(const float* x, const float* cbT, float* lut, const Shape& s, int64_t grain) {
   // lut[n][j][k][c] = sum_d x[n, j*g + d] * cbT[k][d][c]; t = n*G + j indexes (row, group) pairs.
   const int64_t rowsz = s.G * s.K * s.S, T = s.N * s.G;
-  auto xs_of = [&](int64_t t) { return x + (t / s.G) * s.in + (t % s.G) * s.g; };
-  auto out_of = [&](int64_t t, int64_t k) { return lut + (t / s.G) * rowsz + ((t % s.G) * s.K + k) * s.S; };
+  // Input slice and first table of pair t. Hoisted out of the codebook loop: 64-bit divisions
+  // there cost as much as a tenth of the FMAs for K = 8.
+  auto locate = [&](int64_t t, const float*& xs, float*& out) {
+    const int64_t n = t / s.G, j = t - n * s.G;
+    xs = x + n * s.in + j * s.g;
+    out = lut + n * rowsz + j * s.K * s.S;
+  };
   at::parallel_for(0, (T + 3) / 4, grain, [&](int64_t b, int64_t e) {
     for (int64_t blk = b; blk < e; ++blk) {
-      const int64_t t0 = blk * 4;
+      const int64_t t0 = blk * 4, nt = std::min<int64_t>(4, T - t0);
+      const float* xs[4];
+      float* base[4];
+      for (int64_t r = 0; r < nt; ++r) locate(t0 + r, xs[r], base[r]);
+      for (int64_t k = 0; k < s.K; ++k) {
+        const float* cbk = cbT + k * s.g * s.S;
 #if defined(__AVX512F__)
-      if (t0 + 4 <= T && s.S % 64 == 0) {
-        const float* xs[4] = {xs_of(t0), xs_of(t0 + 1), xs_of(t0 + 2), xs_of(t0 + 3)};
-        for (int64_t k = 0; k < s.K; ++k) {
-          float* out[4] = {out_of(t0, k), out_of(t0 + 1, k), out_of(t0 + 2, k), out_of(t0 + 3, k)};
-          lut_block4(xs, cbT + k * s.g * s.S, out, s.g, s.S);
+        if (nt == 4 && s.S % 64 == 0) {
+          float* out[4] = {base[0] + k * s.S, base[1] + k * s.S, base[2] + k * s.S, base[3] + k * s.S};
+          lut_block4(xs, cbk, out, s.g, s.S);
+          continue;
         }
-        continue;
-      }
 #endif
-      for (int64_t t = t0; t < std::min(T, t0 + 4); ++t)
-        for (int64_t k = 0; k < s.K; ++k) lut_block(xs_of(t), cbT + k * s.g * s.S, out_of(t, k), s.g, s.S);
+        for (int64_t r = 0; r < nt; ++r) lut_block(xs[r], cbk, base[r] + k * s.S, s.g, s.S);
+      }
     }
   });
 }
+
+namespace {
 
 // Sum of lut[i*S + code[i]] over i in [0, GK): the inner loop of every output row.
 inline float lut_row_sum(const uint8_t* code, const float* lut, int64_t GK, int64_t S, uint32_t mask) {
@@ -245,164 +259,6 @@ void lut_matmul(const float* x, const uint8_t* codes, const float* cbT, const fl
       }
     }
   });
-}
-
-// ---------------------------------------------------------------- packed lut path (decode)
-//
-// Operands are prepared once per layer on the Python side (kernels.cpu.pack): codes transposed to
-// [G*K, O] uint8, codebooks transposed to fp32 [K, g, S], scales/bias fp32 [O]. With codes
-// transposed, 16 consecutive output rows read 16 contiguous code bytes for one table, so one
-// vector gather serves 16 outputs and no horizontal sums are needed. The tables are visited in
-// chunks of ~32 KiB so the gathered-from table stays in L1 across all output rows.
-
-constexpr int64_t kL1Floats = 32 * 1024 / 4;
-// Work a second thread must get before a layer is split across threads. Waking OpenMP workers
-// costs ~10-50 us (more on a busy machine), about a whole batch-1 layer of this kernel, so
-// decode-sized layers of small models run on the calling thread.
-constexpr int64_t kBuildFmaPerThread = int64_t(1) << 22;
-constexpr int64_t kLookupsPerThread = int64_t(1) << 20;
-
-// Scratch LUT reused across calls: a fresh few-hundred-KiB malloc per call becomes mmap + page
-// faults on glibc, which costs as much as the lookups themselves at batch 1.
-float* lut_scratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-void build_lut_packed(const float* x, const float* cbT, float* lut, const Shape& s) {
-  // ~4M FMAs per thread before a second thread pays for its fork/join.
-  const int64_t per_blk = 4 * s.K * s.S * s.g;
-  build_lut(x, cbT, lut, s, std::max<int64_t>(1, kBuildFmaPerThread / std::max<int64_t>(1, per_blk)));
-}
-
-// Output position <-> code position inside a block of 64 outputs. The byte-plane lookup below
-// ends with two rounds of in-lane unpacks, which leave code position 16l+4j+m in dword 4l+m of
-// result j; kernels.cpu.pack stores output 16j+4l+m at that code position, so results come out
-// in natural order. The map swaps l and j, so it is its own inverse.
-inline int64_t plane_pos(int64_t r) { return (r & 3) | ((r >> 4) << 2) | (((r >> 2) & 3) << 4); }
-
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-// ybuf[o] += table[codes[o]] for 64-output blocks [b, e). The 256-entry fp32 table is held in 16
-// registers as 4 byte planes x 4 chunks of 64 entries; vpermi2b looks up 64 codes per plane in
-// one instruction (~3x the rate of vgatherdps, which is bound by one load per element).
-inline void lookup_planes(const float* table, const uint8_t* codes, float* ybuf, int64_t b, int64_t e,
-                          uint8_t mask) {
-  __m512i P[4][4];
-  const __mmask64 upper = 0xFFFFFFFF00000000ull;
-  for (int pl = 0; pl < 4; ++pl) {
-    alignas(64) uint8_t idx[64];
-    for (int k = 0; k < 64; ++k) idx[k] = static_cast<uint8_t>(4 * (k & 31) + pl);
-    const __m512i vi = _mm512_load_si512(idx);
-    for (int q = 0; q < 4; ++q) {
-      const float* t = table + 64 * q;
-      const __m512i lo = _mm512_permutex2var_epi8(_mm512_castps_si512(_mm512_loadu_ps(t)), vi,
-                                                  _mm512_castps_si512(_mm512_loadu_ps(t + 16)));
-      const __m512i hi = _mm512_permutex2var_epi8(_mm512_castps_si512(_mm512_loadu_ps(t + 32)), vi,
-                                                  _mm512_castps_si512(_mm512_loadu_ps(t + 48)));
-      P[pl][q] = _mm512_mask_blend_epi8(upper, lo, hi);
-    }
-  }
-  const __m512i vmask = _mm512_set1_epi8(static_cast<char>(mask));
-  for (int64_t blk = b; blk < e; ++blk) {
-    __m512i c = _mm512_loadu_si512(codes + blk * 64);
-    if (mask != 0xFF) c = _mm512_and_si512(c, vmask);
-    const __mmask64 top = _mm512_movepi8_mask(c);
-    __m512i v[4];
-    for (int pl = 0; pl < 4; ++pl)
-      v[pl] = _mm512_mask_blend_epi8(top, _mm512_permutex2var_epi8(P[pl][0], c, P[pl][1]),
-                                     _mm512_permutex2var_epi8(P[pl][2], c, P[pl][3]));
-    const __m512i w0 = _mm512_unpacklo_epi8(v[0], v[1]), w1 = _mm512_unpackhi_epi8(v[0], v[1]);
-    const __m512i w2 = _mm512_unpacklo_epi8(v[2], v[3]), w3 = _mm512_unpackhi_epi8(v[2], v[3]);
-    float* yb = ybuf + blk * 64;
-    const __m512i r[4] = {_mm512_unpacklo_epi16(w0, w2), _mm512_unpackhi_epi16(w0, w2),
-                          _mm512_unpacklo_epi16(w1, w3), _mm512_unpackhi_epi16(w1, w3)};
-    for (int j = 0; j < 4; ++j)
-      _mm512_storeu_ps(yb + 16 * j, _mm512_add_ps(_mm512_loadu_ps(yb + 16 * j), _mm512_castsi512_ps(r[j])));
-  }
-}
-#endif
-
-// One input row: ybuf[o] = sum_i lut[i][codes_t[i][pos(o)]] over 64-output blocks [b, e).
-void lut_lookup_packed(const float* lut, const uint8_t* codesT, float* ybuf, int64_t O64, int64_t GK,
-                       int64_t S, uint32_t mask, int64_t b, int64_t e) {
-  for (int64_t o = b * 64; o < e * 64; ++o) ybuf[o] = 0.f;
-#if defined(__AVX512VBMI__) && defined(__AVX512BW__)
-  alignas(64) float padded[256];
-  for (int64_t i = 0; i < GK; ++i) {
-    const float* t = lut + i * S;
-    if (S < 256) {  // B < 8: zero-pad; masked codes never reach the padding
-      for (int64_t c = 0; c < 256; ++c) padded[c] = c < S ? t[c] : 0.f;
-      t = padded;
-    }
-    lookup_planes(t, codesT + i * O64, ybuf, b, e, static_cast<uint8_t>(mask));
-  }
-#else
-  for (int64_t i = 0; i < GK; ++i) {
-    const float* t = lut + i * S;
-    const uint8_t* c = codesT + i * O64;
-    for (int64_t blk = b; blk < e; ++blk)
-      for (int64_t r = 0; r < 64; ++r) ybuf[blk * 64 + r] += t[c[blk * 64 + plane_pos(r)] & mask];
-  }
-#endif
-}
-
-float* out_scratch(int64_t n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
-  return buf.data();
-}
-
-Tensor lut_packed_op(const Tensor& x, const Tensor& codes_t, const Tensor& cb_t, const Tensor& scales,
-                     const c10::optional<Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu(), "aqlmkit cpu kernels need CPU tensors");
-  TORCH_CHECK(codes_t.dim() == 2 && codes_t.scalar_type() == at::kChar && codes_t.is_contiguous(),
-              "aqlmkit cpu_lut_packed: codes_t must be contiguous int8 [G*K, O padded to 64] (kernels.cpu.pack)");
-  TORCH_CHECK(cb_t.dim() == 3 && cb_t.scalar_type() == at::kFloat && cb_t.is_contiguous() && cb_t.size(2) <= 256,
-              "aqlmkit cpu_lut_packed: cb_t must be contiguous fp32 [K, g, 2^B<=256]");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 1,
-              "aqlmkit cpu_lut_packed: scales must be contiguous fp32 [O]");
-  const int64_t GK = codes_t.size(0), O64 = codes_t.size(1), O = scales.numel();
-  TORCH_CHECK(O64 == (O + 63) / 64 * 64, "aqlmkit cpu_lut_packed: codes_t has ", O64,
-              " columns, expected O=", O, " rounded up to 64 (kernels.cpu.pack)");
-  const bool has_bias = bias.has_value() && bias->defined();
-  if (has_bias)
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == O,
-                "aqlmkit cpu_lut_packed: bias must be contiguous fp32 [O]");
-  Tensor x2 = x.reshape({-1, x.size(-1)});
-  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
-  if (!x2.is_contiguous()) x2 = x2.contiguous();
-  Shape s;
-  s.K = cb_t.size(0); s.g = cb_t.size(1); s.S = cb_t.size(2); s.O = O; s.N = x2.size(0); s.in = x2.size(1);
-  s.G = s.in / std::max<int64_t>(1, s.g);
-  TORCH_CHECK(s.G * s.g == s.in && s.G * s.K == GK, "aqlmkit cpu_lut_packed: x has ", s.in,
-              " features, which does not match codes_t/cb_t");
-  TORCH_CHECK((s.S & (s.S - 1)) == 0, "aqlmkit cpu_lut_packed: codebook size must be a power of two");
-  Tensor out = at::empty({s.N, O}, x2.options());
-  if (s.N > 0 && O > 0) {
-    float* lut = lut_scratch(s.N * GK * s.S);
-    float* ybuf = out_scratch(s.N * O64);
-    build_lut_packed(x2.data_ptr<float>(), cb_t.data_ptr<float>(), lut, s);
-    const uint8_t* ct = reinterpret_cast<const uint8_t*>(codes_t.data_ptr<int8_t>());
-    const float* sc = scales.data_ptr<float>();
-    const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
-    float* y = out.data_ptr<float>();
-    const uint32_t mask = static_cast<uint32_t>(s.S - 1);
-    const int64_t nblk = O64 / 64;
-    const int64_t grain = std::max<int64_t>(1, kLookupsPerThread / std::max<int64_t>(1, 64 * GK * s.N));
-    at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
-      for (int64_t n = 0; n < s.N; ++n) {
-        float* yb = ybuf + n * O64;
-        lut_lookup_packed(lut + n * GK * s.S, ct, yb, O64, GK, s.S, mask, b, e);
-        float* yn = y + n * O;
-        for (int64_t o = b * 64; o < std::min(O, e * 64); ++o) yn[o] = yb[o] * sc[o] + (bp ? bp[o] : 0.f);
-      }
-    });
-  }
-  auto sizes = x.sizes().vec();
-  sizes.back() = O;
-  Tensor yv = out.view(sizes);
-  return x.scalar_type() == at::kFloat ? yv : yv.to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------- gather path (any B, e.g. 1x16)
@@ -727,7 +583,6 @@ TORCH_LIBRARY_FRAGMENT(aqlmkit, m) {
 
 TORCH_LIBRARY_IMPL(aqlmkit, CPU, m) {
   m.impl("cpu_lut_linear", &lut_op);
-  m.impl("cpu_lut_packed_linear", &lut_packed_op);
   m.impl("cpu_half_linear", &half_linear_op);
   m.impl("cpu_gather_linear", &gather_op);
   m.impl("cpu_dequant_linear", &dequant_op);

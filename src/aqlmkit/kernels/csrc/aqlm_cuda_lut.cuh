@@ -130,34 +130,39 @@ __global__ void __launch_bounds__(kLutThreads)
                  : make_uint4(0, 0, 0, 0);
   }
 
-  // 2) tables: thread c computes entry c of every table of the slice (conflict-free stores).
+  // 2) the slice of x (S groups x batch rows) into shared memory once, so the table build below
+  //    reads it at shared-memory latency instead of one dependent L2 round trip per group.
+  uint4* xs = reinterpret_cast<uint4*>(smem + CB * 256 * sizeof(E));  // [BP][S]
+  {
+    const uint4* xg = reinterpret_cast<const uint4*>(a.x);
+    for (int i = tid; i < BP * S; i += kLutThreads) {
+      const int b = i / S, g = g0 + i % S;
+      xs[i] = (b < batch && g < ngroups) ? __ldg(xg + (size_t)b * ngroups + g) : make_uint4(0, 0, 0, 0);
+    }
+  }
+  __syncthreads();
+
+  // 3) tables: thread c computes entry c of every table of the slice (conflict-free stores).
+  //    Groups past the row end have all-zero x, hence all-zero tables: any code adds 0 there.
   {
     const int c = tid;
     const uint4* cbg = reinterpret_cast<const uint4*>(a.codebooks);
     float cw[K][8];
 #pragma unroll
     for (int k = 0; k < K; ++k) unpack8<DT>(__ldg(cbg + k * 256 + c), cw[k]);
-    const uint4* xg = reinterpret_cast<const uint4*>(a.x);
+#pragma unroll 4
     for (int s = 0; s < S; ++s) {
-      const int g = g0 + s;
       float v[K][BP];
 #pragma unroll
-      for (int k = 0; k < K; ++k)
+      for (int b = 0; b < BP; ++b) {
+        float xv[8];
+        unpack8<DT>(xs[b * S + s], xv);  // same address for the whole warp: broadcast
 #pragma unroll
-        for (int b = 0; b < BP; ++b) v[k][b] = 0.f;
-      if (g < ngroups) {  // groups past the end keep all-zero tables: any code adds 0 there
+        for (int k = 0; k < K; ++k) {
+          float d = 0.f;
 #pragma unroll
-        for (int b = 0; b < BP; ++b) {
-          if (b >= batch) break;
-          float xv[8];
-          unpack8<DT>(__ldg(xg + (size_t)b * ngroups + g), xv);  // same address: broadcast
-#pragma unroll
-          for (int k = 0; k < K; ++k) {
-            float d = 0.f;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) d = fmaf(xv[e], cw[k][e], d);
-            v[k][b] = d;
-          }
+          for (int e = 0; e < 8; ++e) d = fmaf(xv[e], cw[k][e], d);
+          v[k][b] = d;
         }
       }
 #pragma unroll
@@ -166,7 +171,9 @@ __global__ void __launch_bounds__(kLutThreads)
   }
   __syncthreads();
 
-  // 3) stream this block's rows: lookups, reduce the TPR threads of a row, write the partial.
+  pdl_trigger();  // the epilogue may be launched now; it waits for this grid to finish
+
+  // 4) stream this block's rows: lookups, reduce the TPR threads of a row, write the partial.
   uint32_t tb = uint32_t(__cvta_generic_to_shared(lut)) + uint32_t(q * 16 * 256 * sizeof(E));
   asm volatile("" : "+r"(tb));  // opaque: keeps the per-code address at one LEA
   for (int p0 = 0; p0 < passes; p0 += kLutPrefetch) {
@@ -198,26 +205,11 @@ __global__ void __launch_bounds__(kLutThreads)
   }
 }
 
-// y[b, o] = scale[o] * sum_split part[split, b, o] + bias[o] (fixed order: deterministic).
-template <int DT>
-__global__ void lut_epilogue(GemvArgs a, const float* __restrict__ part, int nsplits) {
-  using T = typename Ty<DT>::T;
-  const int out = a.out_features;
-  const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (long long)a.batch * out) return;
-  const int o = int(i % out);
-  float s = 0.f;
-  for (int sp = 0; sp < nsplits; ++sp) s += part[(size_t)sp * a.batch * out + i];
-  float r = s * Ty<DT>::f(reinterpret_cast<const T*>(a.scales)[o]);
-  if (a.bias != nullptr) r += Ty<DT>::f(reinterpret_cast<const T*>(a.bias)[o]);
-  reinterpret_cast<T*>(a.y)[i] = Ty<DT>::from(r);
-}
-
 template <int DT, int K, int BMAX>
 cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream) {
   constexpr int CB = lut_slice_bytes(BMAX);
   constexpr int RPP = kLutThreads / (CB / 16);
-  constexpr int smem = CB * 256 * BMAX * 4;
+  constexpr int smem = CB * 256 * BMAX * 4 + BMAX * (CB / K) * 16;  // tables + x slice
   auto kernel = lut_kernel<DT, K, BMAX, CB>;
   static int occupancy = -1;  // per instantiation; host-side setup once (outside stream work)
   if (occupancy < 0) {
@@ -240,9 +232,7 @@ cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream)
   kernel<<<dim3(nsplits, row_tiles), kLutThreads, smem, stream>>>(a, part, passes);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const long long n = (long long)a.batch * a.out_features;
-  lut_epilogue<DT><<<unsigned((n + 255) / 256), 256, 0, stream>>>(a, part, nsplits);
-  return cudaGetLastError();
+  return launch_splitk_epilogue<DT>(a, part, nsplits, stream);
 }
 
 }  // namespace aqlmkit_cuda
