@@ -44,6 +44,22 @@ def check(y, want, dtype):
     assert err < (4e-3 if dtype == torch.float16 else 2e-2), err
 
 
+def check_unaligned_and_deterministic(scheme: str, path: str, batch: int) -> None:
+    """Codes at an odd address (guarded loads) give the reference result; calls agree bitwise."""
+    from aqlmkit.kernels import cuda as kc
+
+    codes, cb, sc, bias = make_layer(scheme, 520, 1024, torch.float16, seed=9, bias=True)
+    store = torch.empty(codes.numel() + 1, device="cuda", dtype=codes.dtype)
+    odd = store[1:].view(codes.shape)
+    odd.copy_(codes)
+    assert odd.data_ptr() % 16 != 0 and odd.is_contiguous()
+    x = torch.randn(batch, 1024, device="cuda", dtype=torch.float16)
+    y1 = kc.run(x, odd, cb, sc, bias, force=path)
+    y2 = kc.run(x, codes, cb, sc, bias, force=path)
+    check(y1, ref32(x, codes, cb, sc, bias), torch.float16)
+    assert torch.equal(y1, y2) and torch.equal(y2, kc.run(x, codes, cb, sc, bias, force=path))
+
+
 @pytest.mark.parametrize("scheme", ["1x16g8", "1x16g16", "2x8g8", "1x8g8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gemv_kernel_all_batches_and_shapes(scheme, dtype):
@@ -129,17 +145,22 @@ def test_cuda_graph_capture():
             check(y, ref32(x, *layer), torch.float16)
 
 
-def test_torch_compile_reduce_overhead():
+@pytest.mark.parametrize("path,batch", [("gemv", 1), ("lut", 3), ("mma", 12)])
+def test_torch_compile_reduce_overhead(path, batch, monkeypatch):
+    """Each path (pinned through AQLMKIT_CUDA_PATH's variable) traces and replays in CUDA graphs."""
     from aqlmkit import kernels
+    from aqlmkit.kernels import cuda as kc
 
+    monkeypatch.setattr(kc, "_PATH_ENV", path)
     layer = make_layer("2x8g8", 576, 1536, torch.float16, seed=11, bias=False)
+    assert kc.default_path(batch, layer[0], layer[1], 1536) == path
 
     def f(x):
         return torch.nn.functional.silu(kernels.aqlm_linear(x, *layer))
 
     cf = torch.compile(f, mode="reduce-overhead", fullgraph=True)
     for _ in range(4):
-        x = torch.randn(1, 1536, device="cuda", dtype=torch.float16)
+        x = torch.randn(batch, 1536, device="cuda", dtype=torch.float16)
         y = cf(x).clone()
         want = torch.nn.functional.silu(ref32(x, *layer))
         check(y, want, torch.float16)
@@ -165,18 +186,7 @@ def test_lut_kernel_matches_reference(scheme, dtype):
 
 def test_lut_unaligned_codes_and_determinism():
     """Codes at an odd address take the guarded byte loads; repeated calls agree bit for bit."""
-    from aqlmkit.kernels import cuda as kc
-
-    codes, cb, sc, bias = make_layer("2x8g8", 520, 1024, torch.float16, seed=9, bias=True)
-    store = torch.empty(codes.numel() + 1, device="cuda", dtype=torch.int8)
-    odd = store[1:].view(codes.shape)
-    odd.copy_(codes)
-    assert odd.data_ptr() % 16 != 0 and odd.is_contiguous()
-    x = torch.randn(3, 1024, device="cuda", dtype=torch.float16)
-    y1 = kc.run(x, odd, cb, sc, bias, force="lut")
-    y2 = kc.run(x, codes, cb, sc, bias, force="lut")
-    check(y1, ref32(x, codes, cb, sc, bias), torch.float16)
-    assert torch.equal(y1, y2) and torch.equal(y2, kc.run(x, codes, cb, sc, bias, force="lut"))
+    check_unaligned_and_deterministic("2x8g8", "lut", batch=3)
 
 
 def test_lut_dispatch_and_graph_capture(monkeypatch):
@@ -228,18 +238,7 @@ def test_mma_kernel_matches_reference(scheme, dtype):
 @pytest.mark.parametrize("scheme", ["2x8g8", "1x16g8", "1x16g16"])
 def test_mma_unaligned_codes_and_determinism(scheme):
     """Codes at an odd address take the guarded element loads; repeated calls agree bit for bit."""
-    from aqlmkit.kernels import cuda as kc
-
-    codes, cb, sc, bias = make_layer(scheme, 520, 1024, torch.float16, seed=19, bias=True)
-    store = torch.empty(codes.numel() + 1, device="cuda", dtype=codes.dtype)
-    odd = store[1:].view(codes.shape)
-    odd.copy_(codes)
-    assert odd.data_ptr() % 16 != 0 and odd.is_contiguous()
-    x = torch.randn(12, 1024, device="cuda", dtype=torch.float16)
-    y1 = kc.run(x, odd, cb, sc, bias, force="mma")
-    y2 = kc.run(x, codes, cb, sc, bias, force="mma")
-    check(y1, ref32(x, codes, cb, sc, bias), torch.float16)
-    assert torch.equal(y1, y2) and torch.equal(y2, kc.run(x, codes, cb, sc, bias, force="mma"))
+    check_unaligned_and_deterministic(scheme, "mma", batch=12)
 
 
 def test_default_paths_all_batches():

@@ -88,40 +88,25 @@ def available() -> bool:
         return False
 
 
-@torch.library.custom_op("aqlmkit::cuda_gemv", mutates_args=(), device_types="cuda")
-def cuda_gemv(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """[batch<=16, in] @ AQLM weight^T (scales, bias applied); dtypes of x everywhere."""
-    return extension().gemv(x, codes, codebooks, scales, bias)
+def _matmul_op(name: str, doc: str):
+    """Register ``aqlmkit::cuda_<name>`` (the extension's ``name``): x [batch, in] @ AQLM weight^T
+    with scales and bias applied, in x's dtype; the fake impl gives torch.compile the shape."""
+
+    def impl(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None) -> torch.Tensor:
+        return getattr(extension(), name)(x, codes, codebooks, scales, bias)
+
+    impl.__doc__ = doc
+    op = torch.library.custom_op(f"aqlmkit::cuda_{name}", impl, mutates_args=(),
+                                 device_types="cuda")
+    op.register_fake(lambda x, codes, codebooks, scales, bias:
+                     x.new_empty((x.shape[0], codes.shape[0])))
+    return op
 
 
-@cuda_gemv.register_fake
-def _(x, codes, codebooks, scales, bias):
-    return x.new_empty((x.shape[0], codes.shape[0]))
-
-
-@torch.library.custom_op("aqlmkit::cuda_gemv_lut", mutates_args=(), device_types="cuda")
-def cuda_gemv_lut(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
-                  scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Split-K LUT matmul for 1x8g8/2x8g8 with int8 codes, batch 1..4; same contract as gemv."""
-    return extension().gemv_lut(x, codes, codebooks, scales, bias)
-
-
-@cuda_gemv_lut.register_fake
-def _(x, codes, codebooks, scales, bias):
-    return x.new_empty((x.shape[0], codes.shape[0]))
-
-
-@torch.library.custom_op("aqlmkit::cuda_gemm_mma", mutates_args=(), device_types="cuda")
-def cuda_gemm_mma(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
-                  scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Tensor-core matmul for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..16; same contract as gemv."""
-    return extension().gemm_mma(x, codes, codebooks, scales, bias)
-
-
-@cuda_gemm_mma.register_fake
-def _(x, codes, codebooks, scales, bias):
-    return x.new_empty((x.shape[0], codes.shape[0]))
+cuda_gemv = _matmul_op("gemv", "CUDA-core matmul, batch 1..16 (1x16g8/g16, 2x8g8, 1x8g8).")
+cuda_gemv_lut = _matmul_op("gemv_lut", "Split-K LUT matmul for 1x8g8/2x8g8 with int8 codes, batch 1..4.")
+cuda_gemm_mma = _matmul_op("gemm_mma", "Tensor-core matmul for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..16.")
 
 
 @torch.library.custom_op("aqlmkit::cuda_dequant", mutates_args=(), device_types="cuda")

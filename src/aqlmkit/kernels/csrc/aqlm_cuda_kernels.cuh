@@ -292,6 +292,19 @@ __global__ void dequant_kernel(DequantArgs a) {
   }
 }
 
+// Resident blocks per SM of `kernel` with `smem` bytes of dynamic shared memory (opting in above
+// 48 KB), at least 1: the split-K launchers size one full wave with it. `occ` is left untouched
+// when a call fails.
+template <typename Kernel>
+cudaError_t blocks_per_sm(Kernel kernel, int threads, int smem, int* occ) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (e != cudaSuccess) return e;
+  int n = 0;
+  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem);
+  if (e == cudaSuccess) *occ = n > 0 ? n : 1;
+  return e;
+}
+
 // Programmatic dependent launch (sm_90+): the split-K kernels let their epilogue be launched
 // while they run (`pdl_trigger`, once every block is resident: they launch one wave), and the
 // epilogue waits for their completion and memory (`pdl_wait`). This hides the second launch's

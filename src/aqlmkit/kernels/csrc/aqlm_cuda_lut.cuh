@@ -213,12 +213,8 @@ cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream)
   auto kernel = lut_kernel<DT, K, BMAX, CB>;
   static int occupancy = -1;  // per instantiation; host-side setup once (outside stream work)
   if (occupancy < 0) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    const cudaError_t e = blocks_per_sm(kernel, kLutThreads, smem, &occupancy);
     if (e != cudaSuccess) return e;
-    int occ = 0;
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kLutThreads, smem);
-    if (e != cudaSuccess) return e;
-    occupancy = occ > 0 ? occ : 1;
   }
   if (lut_bmax(a.batch) != BMAX || a.in_features % 8 != 0) return cudaErrorInvalidValue;
   const int nsplits = (a.in_features / 8 * K + CB - 1) / CB;  // == lut_num_splits(...)

@@ -24,46 +24,35 @@ constexpr int kMmaWarps = 8;
 constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kMmaSpanGroups = 32;  // 8-column units per warp span
 
+// Packed 16-bit ops of dtype DT (0 fp16, 1 bf16) on raw 32-bit registers.
 template <int DT>
-struct MmaOps;
-template <>
-struct MmaOps<0> {
+struct MmaOps {
+  using H2 = std::conditional_t<DT == 0, __half2, __nv_bfloat162>;
   static __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
-    __half2 x, y;
+    H2 x, y;
     memcpy(&x, &a, 4);
     memcpy(&y, &b, 4);
-    const __half2 r = __hadd2(x, y);
+    const H2 r = __hadd2(x, y);
     uint32_t u;
     memcpy(&u, &r, 4);
     return u;
   }
+  // c[16x8] += a[16x16] * b[16x8] (fp32 accumulators; fragment layouts of PTX m16n8k16).
   static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
                                              uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct MmaOps<1> {
-  static __device__ __forceinline__ uint32_t add2(uint32_t a, uint32_t b) {
-    __nv_bfloat162 x, y;
-    memcpy(&x, &a, 4);
-    memcpy(&y, &b, 4);
-    const __nv_bfloat162 r = __hadd2(x, y);
-    uint32_t u;
-    memcpy(&u, &r, 4);
-    return u;
-  }
-  static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    if constexpr (DT == 0) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
   }
 };
 
@@ -233,12 +222,8 @@ cudaError_t launch_gemm_mma(const GemvArgs& a, float* part, cudaStream_t stream)
   auto kernel = mma_kernel<DT, K, LOG2NB, G, NT>;
   static int occupancy = -1;  // per instantiation; host-side setup once (outside stream work)
   if (occupancy < 0) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    const cudaError_t e = blocks_per_sm(kernel, kMmaThreads, smem, &occupancy);
     if (e != cudaSuccess) return e;
-    int occ = 0;
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kMmaThreads, smem);
-    if (e != cudaSuccess) return e;
-    occupancy = occ > 0 ? occ : 1;
   }
   if (a.in_features % G != 0 || a.batch < 1 || a.batch > 8 * NT) return cudaErrorInvalidValue;
   const int nsplits = mma_num_splits(a.in_features);
