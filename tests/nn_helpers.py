@@ -34,3 +34,14 @@ def random_quantized(model: nn.Module, scheme: Scheme | str, skip=("lm_head",), 
 def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits.float()
+
+
+def round_dense_to_fp16(model: nn.Module) -> nn.Module:
+    """Round the unquantized linears/embeddings to fp16 values (kept fp32), in place: what
+    ``save_quantized`` stores by default, so a save/load round trip can be checked exactly."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                for p in m.parameters(recurse=False):
+                    p.copy_(p.half().float())
+    return model

@@ -240,3 +240,22 @@ def test_opcheck_new_ops():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.aqlmkit.cpu_half_linear.default, (x, torch.randn(24, 64).half(), None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("scheme,out_f,in_f", [("2x8g8", 576, 576), ("8x8g16", 200, 1536)])
+def test_packed_lut_split_across_threads(scheme, out_f, in_f):
+    """The decode op splits input groups across threads (partial sums per thread): same result."""
+    codes, cb, scales, bias = make_layer(scheme, out_f, in_f, seed=5)
+    packed = cpu.pack(codes, cb, scales, bias)
+    x = torch.randn(3, in_f)
+    before = torch.get_num_threads()
+    try:
+        ys = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            ys.append(torch.ops.aqlmkit.cpu_lut_packed_linear(x, *packed))
+    finally:
+        torch.set_num_threads(before)
+    for y in ys:  # fp32 sums in another order: equal to ~1e-6 of the largest output
+        check(y, x, codes, cb, scales, bias)
+        assert (y - ys[0]).abs().max() / ys[0].abs().max() < 2e-6

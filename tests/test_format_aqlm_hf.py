@@ -11,7 +11,7 @@ from aqlmkit.errors import AqlmkitError
 from aqlmkit.formats import safetensors_io as st
 from aqlmkit.formats.aqlm_hf import load_quantized, save_quantized
 from aqlmkit.nn import QuantizedLinear
-from nn_helpers import logits, random_quantized
+from nn_helpers import logits, random_quantized, round_dense_to_fp16
 
 IDS = torch.tensor([[1, 7, 42, 300, 12, 5]])
 
@@ -19,6 +19,7 @@ IDS = torch.tensor([[1, 7, 42, 300, 12, 5]])
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, make_tiny_model, tiny_tokenizer):
     model = random_quantized(make_tiny_model("llama", vocab_size=len(tiny_tokenizer)), "2x8g8")
+    round_dense_to_fp16(model)  # stored fp16 by default: the round trip is then exact up to sum order
     out = tmp_path_factory.mktemp("ckpt") / "tiny-2x8g8"
     save_quantized(model, tiny_tokenizer, out, "2x8g8", card={"perplexity": 12.5, "dataset": "pydoc"})
     return model, out
@@ -49,6 +50,7 @@ def test_round_trip_logits_and_layout(saved):
 def test_sharded_save_and_tied_embeddings(tmp_path, make_tiny_model, tiny_tokenizer):
     model = random_quantized(make_tiny_model("llama", vocab_size=len(tiny_tokenizer), tie_word_embeddings=True),
                              "1x16g8", seed=3)
+    round_dense_to_fp16(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     out = save_quantized(model, tiny_tokenizer, tmp_path / "sharded", "1x16g8", max_shard_size="100KB")
     index = json.loads((out / st.INDEX).read_text())

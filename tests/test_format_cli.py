@@ -70,3 +70,15 @@ def test_generate_from_saved_quantized_model(ckpt, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert out.strip().startswith("The function") and len(out.strip()) > len("The function")
+
+
+@pytest.mark.slow
+def test_generate_compiled_loop_prints_the_same_text(ckpt, capsys):
+    """--compile (StaticDecoder, inductor) continues a prompt exactly like model.generate (greedy)."""
+    _, src = ckpt
+    args = ["generate", "--model", str(src), "--prompt", "The function", "--max-new-tokens", "8"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--compile"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "tok/s decode" in captured.err

@@ -15,7 +15,7 @@ import torch
 
 from aqlmkit.formats.aqlm_hf import load_quantized, save_quantized
 from aqlmkit.nn import QuantizedLinear
-from nn_helpers import fill_random, logits, random_quantized
+from nn_helpers import fill_random, logits, random_quantized, round_dense_to_fp16
 
 aqlm = pytest.importorskip("aqlm")
 numba = pytest.importorskip("numba")
@@ -36,6 +36,7 @@ def test_aqlmkit_checkpoint_loads_in_transformers(scheme, tmp_path, make_tiny_mo
     from transformers import AutoModelForCausalLM
 
     model = random_quantized(make_tiny_model("llama", vocab_size=len(tiny_tokenizer)), scheme, seed=5)
+    round_dense_to_fp16(model)  # the lm_head/embeddings are stored fp16, as AQLM checkpoints do
     out = save_quantized(model, tiny_tokenizer, tmp_path / scheme, scheme)
     theirs = AutoModelForCausalLM.from_pretrained(out).eval()
     assert isinstance(theirs.model.layers[0].mlp.up_proj, aqlm.QuantizedLinear)

@@ -2,6 +2,7 @@
 
 transformers 5 builds MoE experts as fused 3-D tensors; the pipeline quantizes one nn.Linear per
 expert, so load_quantized must unfuse the meta model before the codes can go anywhere.
+Checkpoints here keep their dense layers fp32 (``dense_dtype=None``) so logits can match bit for bit.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def test_quantized_moe_round_trips(make_tiny_model, tmp_path, family):
     calib.skip = ("experts.1.down_proj",)  # one expert linear stays dense: skip list names it per expert
     quantize_model(model, None, "1x4g8", calib, layer, ft, tmp_path / "work", calibration_data=ids, progress=False)
     assert isinstance(model.model.layers[0].mlp.experts[0].down_proj, QuantizedLinear)
-    out = save_quantized(model, None, tmp_path / "ckpt", "1x4g8")
+    out = save_quantized(model, None, tmp_path / "ckpt", "1x4g8", dense_dtype=None)
 
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc[UNFUSED_KEY] is True
@@ -70,7 +71,7 @@ def test_qwen3_moe_sharded_and_without_flag(tmp_path):
     model = _tiny_qwen3_moe()
     assert unfuse_experts(model) == 2
     random_quantized(model, "2x4g8", skip=("lm_head", "mlp.gate"))
-    out = save_quantized(model, None, tmp_path / "ckpt", "2x4g8", max_shard_size="20KB")
+    out = save_quantized(model, None, tmp_path / "ckpt", "2x4g8", max_shard_size="20KB", dense_dtype=None)
     assert (out / "model.safetensors.index.json").is_file()
     cfg_file = out / "config.json"
     cfg = json.loads(cfg_file.read_text())
@@ -84,7 +85,7 @@ def test_qwen3_moe_sharded_and_without_flag(tmp_path):
 
 def test_dense_model_is_not_flagged(tmp_path, make_tiny_model):
     model = random_quantized(make_tiny_model("llama", num_hidden_layers=1), "1x4g8")
-    out = save_quantized(model, None, tmp_path / "ckpt", "1x4g8")
+    out = save_quantized(model, None, tmp_path / "ckpt", "1x4g8", dense_dtype=None)
     assert UNFUSED_KEY not in json.loads((out / "config.json").read_text())["quantization_config"]
     assert "from_pretrained(path)" in (out / "README.md").read_text()
     loaded, _ = load_quantized(out)
@@ -105,7 +106,7 @@ def test_legacy_mixtral_expert_names_load(tmp_path, make_tiny_model):
     model = make_tiny_model("mixtral", num_hidden_layers=1, num_local_experts=3)
     unfuse_experts(model)
     random_quantized(model, "1x4g8", skip=("lm_head", "experts.2.down_proj"), seed=1)
-    out = save_quantized(model, None, tmp_path / "ckpt", "1x4g8")
+    out = save_quantized(model, None, tmp_path / "ckpt", "1x4g8", dense_dtype=None)
     sd = load_file(out / "model.safetensors")
     legacy = {_legacy_mixtral_name(k): v for k, v in sd.items()}
     assert "model.layers.0.block_sparse_moe.experts.2.w2.weight" in legacy

@@ -15,7 +15,8 @@ def register(sub) -> None:
     p.add_argument("--dequantize", action="store_true",
                    help="write a plain (dense) HF model instead of an AQLM checkpoint")
     p.add_argument("--dtype", default=None, choices=["float16", "bfloat16", "float32"],
-                   help="float dtype written (default: the source's, float16 with --dequantize)")
+                   help="float dtype of every tensor written (default: the source's, with unquantized "
+                        "fp32 layers stored fp16; float16 with --dequantize)")
     p.set_defaults(func=run)
 
 
@@ -25,6 +26,8 @@ def _source_dtype(raw: dict) -> str:
 
 
 def run(args) -> int:
+    import torch
+
     from aqlmkit.formats import safetensors_io as st
     from aqlmkit.formats.aqlm_hf import atomic_dir, load_quantized, read_config, save_quantized
     from aqlmkit.nn import dequantize_linears
@@ -37,7 +40,11 @@ def run(args) -> int:
     st.parse_size(args.shard_size)
     raw, scheme = read_config(src)
     dtype = args.dtype or ("float16" if args.dequantize else _source_dtype(raw))
-    model, tok = load_quantized(src, device="cpu", dtype=dtype)  # validates every tensor
+    # An explicit --dtype (and --dequantize) means every float tensor in that dtype; otherwise 16-bit
+    # dense layers stay 16-bit and fp32 ones are stored fp16, as save_quantized does by default.
+    as_given = args.dequantize or args.dtype is not None
+    model, tok = load_quantized(src, device="cpu", dtype=dtype,  # validates every tensor
+                                half_dense=False if as_given else None)
     if args.dequantize:
         names = dequantize_linears(model)
         del model.config.quantization_config
@@ -48,6 +55,6 @@ def run(args) -> int:
         print(f"dequantized {len(names)} {scheme.name} layers -> {dst} ({dtype})")
         return 0
     save_quantized(model, tok, dst, scheme, card={"converted_from": src.name},
-                   max_shard_size=args.shard_size)
+                   max_shard_size=args.shard_size, dense_dtype=None if as_given else torch.float16)
     print(f"validated and re-wrote {src} -> {dst} ({scheme.name}, {dtype}, shards <= {args.shard_size})")
     return 0

@@ -37,12 +37,13 @@ def run(args) -> int:
                            f"{args.batch_size})")
     docs = load_corpus(args.dataset, "eval")
     from aqlmkit.formats.loading import load_model
+    from aqlmkit.nn import compute_dtype
 
     model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     res = perplexity(model, tok, docs, seqlen=args.seqlen, batch_size=args.batch_size,
                      limit_tokens=args.limit_tokens)
     print(f"model: {args.model}  dataset: {args.dataset}  seqlen: {res.seqlen}  "
-          f"dtype: {next(model.parameters()).dtype}")
+          f"dtype: {compute_dtype(model)}")
     print(f"PPL: {res.ppl:.4f}")
     print(f"tokens: {res.tokens}  windows: {res.windows}  seconds: {res.seconds:.2f}  "
           f"tokens/s: {res.tokens / max(res.seconds, 1e-9):.1f}")
@@ -50,7 +51,7 @@ def run(args) -> int:
         from aqlmkit.eval.report import save_report
 
         data = {"model": str(args.model), "dataset": args.dataset, "device": args.device,
-                "dtype": str(next(model.parameters()).dtype), "ppl": res.ppl, "nll": res.nll,
+                "dtype": str(compute_dtype(model)), "ppl": res.ppl, "nll": res.nll,
                 "tokens": res.tokens, "windows": res.windows, "seqlen": res.seqlen,
                 "seconds": res.seconds, "tokens_per_s": res.tokens / max(res.seconds, 1e-9)}
         paths = save_report(args.report, data)
@@ -84,6 +85,7 @@ def _add_zeroshot_args(p) -> None:
 def _run_zeroshot(args) -> int:
     from aqlmkit.eval.zeroshot import check_tasks, evaluate, format_table
     from aqlmkit.formats.loading import load_model, resolve_device
+    from aqlmkit.nn import compute_dtype
 
     resolve_device(args.device)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -95,7 +97,7 @@ def _run_zeroshot(args) -> int:
                        batch_size=args.batch_size, limit=args.limit,
                        include_path=args.include_path, report=args.report)
     print(f"model: {args.model}  num_fewshot: {args.num_fewshot}  "
-          f"dtype: {next(model.parameters()).dtype}")
+          f"dtype: {compute_dtype(model)}")
     print(format_table(metrics))
     if args.report:
         stem = args.report[:-5] if args.report.endswith(".json") else args.report

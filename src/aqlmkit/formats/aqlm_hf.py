@@ -30,7 +30,8 @@ from aqlmkit.config import Scheme
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.formats import safetensors_io as st
 from aqlmkit.models.moe import has_unfused_experts, modern_expert_name, names_per_expert, unfuse_experts
-from aqlmkit.nn import QuantizedLinear, replace_linears
+from aqlmkit.nn import (HALF_DTYPES, QuantizedLinear, half_dense_fast, half_dense_names, replace_linears,
+                        use_half_dense)
 
 UNFUSED_KEY = "aqlmkit_unfused_experts"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -95,17 +96,34 @@ def average_bits(model: nn.Module) -> float:
     return bits / max(weights, 1)
 
 
-def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without duplicates of tied tensors (transformers re-ties them on load)."""
-    sd = model.state_dict()
+def state_dict_for_save(model: nn.Module, dense_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The state dict without duplicates of tied tensors (transformers re-ties them on load), with
+    fp32 tensors of unquantized linears/embeddings stored as ``dense_dtype`` (see save_quantized)."""
     seen: dict[tuple, str] = {}
     out = {}
-    for k, v in sd.items():
+    for k, v in model.state_dict().items():
         key = (v.data_ptr(), v.dtype, tuple(v.shape), v.stride()) if v.numel() else None
         if key is not None and key in seen:
             continue
         if key is not None:
             seen[key] = k
+        out[k] = v
+    return out if dense_dtype is None else _dense_as(out, set(dense_tensor_names(model)), dense_dtype)
+
+
+def dense_tensor_names(model: nn.Module) -> list[str]:
+    """Parameter names of the linears/embeddings left unquantized (lm_head, embeddings, skips)."""
+    return [f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+            if isinstance(m, (nn.Linear, nn.Embedding)) for n, _ in m.named_parameters(recurse=False)]
+
+
+def _dense_as(sd: dict, names: set[str], dtype: torch.dtype) -> dict:
+    """fp32 dense tensors -> ``dtype``, unless a value would not fit (then it stays fp32)."""
+    limit = torch.finfo(dtype).max
+    out = {}
+    for k, v in sd.items():
+        if k in names and v.dtype == torch.float32 and v.numel() and float(v.abs().max()) <= limit:
+            v = v.to(dtype)
         out[k] = v
     return out
 
@@ -146,12 +164,13 @@ def _loading_note(model: nn.Module) -> str:
             "MISSING, and run with randomly initialised experts. Do not load it with plain transformers.")
 
 
-def _write_folder(model, tokenizer, folder: Path, scheme: Scheme, skip, card, max_shard_size) -> None:
+def _write_folder(model, tokenizer, folder: Path, scheme: Scheme, skip, card, max_shard_size,
+                  dense_dtype) -> None:
     config = copy.deepcopy(model.config)
     config.quantization_config = quantization_config(model, scheme, skip)
     config.dtype = next(m.codebooks.dtype for m in model.modules() if isinstance(m, QuantizedLinear))
     config.save_pretrained(folder)
-    st.save_sharded(state_dict_for_save(model), folder, max_shard_size)
+    st.save_sharded(state_dict_for_save(model, dense_dtype), folder, max_shard_size)
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.save_pretrained(folder)
@@ -161,12 +180,18 @@ def _write_folder(model, tokenizer, folder: Path, scheme: Scheme, skip, card, ma
 
 
 def save_quantized(model: nn.Module, tokenizer, out_dir, scheme: Scheme | str, skip=(), card: dict | None = None,
-                   max_shard_size: str | int = "5GB") -> Path:
-    """Write an AQLM HF checkpoint folder atomically (temp folder next to ``out_dir``, then rename)."""
+                   max_shard_size: str | int = "5GB", dense_dtype: torch.dtype | None = torch.float16) -> Path:
+    """Write an AQLM HF checkpoint folder atomically (temp folder next to ``out_dir``, then rename).
+
+    Unquantized linears and embeddings held in fp32 are stored as ``dense_dtype`` (fp16 by default,
+    as AQLM checkpoints store them: half the file, and ``load_quantized`` then runs the lm_head
+    with the 16-bit-weight CPU kernel); ``None`` stores every tensor in its in-memory dtype.
+    Codebooks, scales and norms keep their dtype.
+    """
     scheme = Scheme.parse(scheme) if isinstance(scheme, str) else scheme
     _check_scheme(model, scheme)
     with atomic_dir(out_dir) as tmp:
-        _write_folder(model, tokenizer, tmp, scheme, skip, card, max_shard_size)
+        _write_folder(model, tokenizer, tmp, scheme, skip, card, max_shard_size, dense_dtype)
     return Path(out_dir)
 
 
@@ -272,8 +297,12 @@ def _check_tensor(name: str, t: torch.Tensor, expected: torch.Tensor, file: Path
         raise AqlmkitError(f"{file.name}: {name} contains NaN/inf; the checkpoint is damaged")
 
 
-def load_state(model: nn.Module, path: Path, scheme: Scheme, dtype: torch.dtype, device) -> None:
+def load_state(model: nn.Module, path: Path, scheme: Scheme, dtype: torch.dtype, device,
+               half_dense: bool = False) -> None:
+    """Assign the checkpoint's tensors; with ``half_dense`` fp16/bf16-stored dense linears and
+    embeddings keep their 16 bits and become HalfLinear/HalfEmbedding (fp32 math)."""
     expected = dict(model.state_dict())
+    keep16 = half_dense_names(model) if half_dense else set()
     loaded: dict[str, torch.Tensor] = {}
     model_type = getattr(model.config, "model_type", None)
     for name, t, file in st.iter_tensors(st.weight_files(path)):
@@ -282,10 +311,13 @@ def load_state(model: nn.Module, path: Path, scheme: Scheme, dtype: torch.dtype,
             raise AqlmkitError(f"{file.name}: unexpected tensor {name} (not in the {type(model).__name__} "
                                f"built from config.json with {scheme.name}); is the config right?")
         _check_tensor(name, t, expected[name], file, scheme)
-        loaded[name] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        keep = name in keep16 and t.dtype in HALF_DTYPES
+        loaded[name] = t.to(device=device, dtype=dtype if t.is_floating_point() and not keep else t.dtype)
     model.load_state_dict(loaded, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    if half_dense:
+        use_half_dense(model, dtype)
     missing = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
     if missing:
         raise AqlmkitError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}; "
@@ -313,13 +345,19 @@ def load_tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_quantized(path, device="cpu", dtype="auto"):
-    """(model, tokenizer) of an AQLM HF checkpoint (ours or official), without dense weights."""
+def load_quantized(path, device="cpu", dtype="auto", half_dense: bool | None = None):
+    """(model, tokenizer) of an AQLM HF checkpoint (ours or official), without dense weights.
+
+    ``half_dense``: unquantized linears/embeddings stored in fp16/bf16 stay 16-bit
+    (HalfLinear/HalfEmbedding, fp32 math) instead of being upcast to ``dtype``; default (None):
+    for fp32 inference on CPU when the CPU kernel builds (``nn.half_dense_fast``).
+    """
     path = Path(path)
     raw, scheme = read_config(path)
     torch_dtype = resolve_dtype(dtype, device)
     model = build_empty(path, raw, scheme, torch_dtype)
-    load_state(model, path, scheme, torch_dtype, device)
+    keep = half_dense_fast(device, torch_dtype) if half_dense is None else bool(half_dense)
+    load_state(model, path, scheme, torch_dtype, device, keep)
     return _finish(model, path, device), load_tokenizer(path)
 
 

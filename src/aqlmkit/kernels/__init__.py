@@ -132,8 +132,11 @@ def aqlm_linear_cached(
     the parameters' storage pointers and version counters, so moving a layer, loading a state dict
     or editing a tensor in place repacks instead of using stale data; it also holds the input's
     dtype/device, AQLMKIT_KERNEL and whether autograd is needed, the inputs of :func:`select`.
-    Not for tracing: compiled code should call :func:`aqlm_linear`.
+    Under ``torch.compile`` the key (storage pointers, version counters) cannot be traced, so the
+    entry an eager call left in ``cache`` is used as is; without one this is :func:`aqlm_linear`.
     """
+    if torch.compiler.is_compiling():
+        return _run_cached_entry(cache.get("entry"), x, codes, codebooks, scales, bias)
     grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
     try:
         key = (os.environ.get("AQLMKIT_KERNEL", ""), x.dtype, x.device, grad,
@@ -159,5 +162,56 @@ def aqlm_linear_cached(
     return backend.run_packed(packed, x, codes, codebooks, scales, bias)
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+_HALF_KERNEL: dict[str, bool] = {}  # "cpu": whether torch.ops.aqlmkit.cpu_half_linear exists
+
+
+def half_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T + b for a 16-bit ``weight`` and fp32 ``x``, accumulated in fp32.
+
+    On CPU this is the ``cpu_half_linear`` GEMV (it reads the 16-bit weight directly: half the
+    bytes of an fp32 copy, which is what bounds a batch-1 lm_head); elsewhere, while autograd
+    needs it, or with AQLMKIT_KERNEL=reference the weight is upcast and F.linear runs.
+    """
+    if _half_kernel_applies(x, weight):
+        return torch.ops.aqlmkit.cpu_half_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def _half_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if weight.dtype not in HALF_DTYPES or weight.dim() != 2:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False  # the op has no backward
+    if torch.compiler.is_compiling():  # decided by the eager calls before (the decode prefill)
+        return _HALF_KERNEL.get("cpu", False)
+    return half_kernel_available()
+
+
+def half_kernel_available() -> bool:
+    """Whether CPU calls of :func:`half_linear` use the fast op (builds the CPU extension once)."""
+    if os.environ.get("AQLMKIT_KERNEL", "") not in ("", "cpu"):
+        return False
+    if "cpu" not in _HALF_KERNEL:
+        _load_backends()
+        cpu = importlib.import_module("aqlmkit.kernels.cpu") if "cpu" in _BACKENDS else None
+        _HALF_KERNEL["cpu"] = bool(cpu is not None and cpu.load())
+    return _HALF_KERNEL["cpu"]
+
+
+def _run_cached_entry(entry, x, codes, codebooks, scales, bias) -> torch.Tensor:
+    """Traced calls: the packed operands of an earlier eager call (the decode loop warms them up).
+
+    The backend is looked up by name in the registry, not taken from the entry: dynamo then
+    guards one registry slot for the whole model instead of one object identity (plus aliasing
+    checks) per layer, which cost ~1 ms per decode step on a 210-layer model."""
+    backend = None if entry is None else _BACKENDS.get(entry[1])
+    if backend is None or backend.run_packed is None:
+        return aqlm_linear(x, codes, codebooks, scales, bias)
+    return backend.run_packed(entry[3], x, codes, codebooks, scales, bias)
+
+
 __all__ = ["Backend", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",
-           "reference"]
+           "half_linear", "half_kernel_available", "reference"]

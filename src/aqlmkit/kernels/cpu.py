@@ -59,7 +59,7 @@ def _try_build() -> bool | str:
     from aqlmkit.kernels._build import load_extension
 
     try:
-        load_extension("aqlmkit_cpu", ["aqlm_cpu.cpp"], extra_cflags=CFLAGS,
+        load_extension("aqlmkit_cpu", ["aqlm_cpu.cpp", "aqlm_cpu_packed.cpp"], extra_cflags=CFLAGS,
                        extra_ldflags=["-fopenmp"], is_python_module=False)
     except AqlmkitError as e:
         _warn_once("build", f"aqlmkit: CPU kernels unavailable, using the slow reference path: {e}")
@@ -148,12 +148,15 @@ def pack(codes, codebooks, scales, bias=None) -> tuple | None:
         o64 = -(-o // 64) * 64
         padded = torch.zeros(o64, g_ * k, dtype=torch.int8, device=codes.device)
         padded[:o] = codes.detach().reshape(o, g_ * k)
-        # code position p of each 64-output block holds output PLANE_POS[p] (see aqlm_cpu.cpp)
+        # code position p of each 64-output block holds output PLANE_POS[p] (see aqlm_cpu_packed.cpp)
         codes_t = padded.view(-1, 64, g_ * k)[:, _plane_order(codes.device)].reshape(o64, g_ * k).t().contiguous()
         cb_t = codebooks.detach().float()[:, :, 0, :].transpose(1, 2).contiguous()
         sc = scales.detach().float().reshape(-1).contiguous()
         b = None if bias is None else bias.detach().float().reshape(-1).contiguous()
-    return codes_t, cb_t, sc, b
+    # As frozen nn.Parameters (never registered: no state_dict entry), because torch.compile's
+    # no-aliasing guard skips parameters: over ~600 per-layer operands that check cost ~1 ms per
+    # compiled decode step of a 30-block model, ~5% of it.
+    return tuple(None if t is None else torch.nn.Parameter(t, requires_grad=False) for t in (codes_t, cb_t, sc, b))
 
 
 def _plane_order(device) -> torch.Tensor:

@@ -72,6 +72,9 @@ class QuantizedLinear(nn.Module):
             self.bias = nn.Parameter(init(out_features, **fk), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        # Per-layer kernel state (backend choice, packed operands), see kernels.aqlm_linear_cached.
+        # Created here, not lazily in forward: dynamo cannot trace dict.setdefault on __dict__.
+        self._kernel_cache: dict = {}
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
@@ -113,11 +116,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._needs_autograd(x):
             return reference.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
-        if torch.compiler.is_compiling():
-            return kernels.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
-        # Eager inference: the kernel's per-layer packed operands are built once and reused.
-        cache = self.__dict__.setdefault("_kernel_cache", {})
-        return kernels.aqlm_linear_cached(x, self.codes, self.codebooks, self.scales, self.bias, cache)
+        # Inference: the kernel's per-layer packed operands are built once (eagerly) and reused.
+        return kernels.aqlm_linear_cached(x, self.codes, self.codebooks, self.scales, self.bias,
+                                          self._kernel_cache)
 
     @torch.no_grad()
     def dequantize(self) -> torch.Tensor:
