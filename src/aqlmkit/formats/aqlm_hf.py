@@ -108,13 +108,9 @@ def state_dict_for_save(model: nn.Module, dense_dtype: torch.dtype | None = None
         if key is not None:
             seen[key] = k
         out[k] = v
-    return out if dense_dtype is None else _dense_as(out, set(dense_tensor_names(model)), dense_dtype)
-
-
-def dense_tensor_names(model: nn.Module) -> list[str]:
-    """Parameter names of the linears/embeddings left unquantized (lm_head, embeddings, skips)."""
-    return [f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
-            if isinstance(m, (nn.Linear, nn.Embedding)) for n, _ in m.named_parameters(recurse=False)]
+    if dense_dtype is None:
+        return out
+    return _dense_as(out, half_dense_names(model, subclasses=True), dense_dtype)  # lm_head, embeddings
 
 
 def _dense_as(sd: dict, names: set[str], dtype: torch.dtype) -> dict:

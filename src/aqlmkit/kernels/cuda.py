@@ -107,6 +107,8 @@ def _matmul_op(name: str, doc: str):
 cuda_gemv = _matmul_op("gemv", "CUDA-core matmul, batch 1..16 (1x16g8/g16, 2x8g8, 1x8g8).")
 cuda_gemv_lut = _matmul_op("gemv_lut", "Split-K LUT matmul for 1x8g8/2x8g8 with int8 codes, batch 1..4.")
 cuda_gemm_mma = _matmul_op("gemm_mma", "Tensor-core matmul for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..16.")
+_MATMUL_OPS = {"gemv": torch.ops.aqlmkit.cuda_gemv, "lut": torch.ops.aqlmkit.cuda_gemv_lut,
+               "mma": torch.ops.aqlmkit.cuda_gemm_mma}  # path -> op, built once (decode hot path)
 
 
 @torch.library.custom_op("aqlmkit::cuda_dequant", mutates_args=(), device_types="cuda")
@@ -177,10 +179,8 @@ def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: t
     sc = scales.reshape(-1).to(x.dtype).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     path = force or default_path(x2.shape[0], codes, codebooks, in_f)
-    ops = {"gemv": torch.ops.aqlmkit.cuda_gemv, "lut": torch.ops.aqlmkit.cuda_gemv_lut,
-           "mma": torch.ops.aqlmkit.cuda_gemm_mma}
-    if path in ops and x2.shape[0] > 0:
-        y = ops[path](x2, codes.contiguous(), cb, sc, b)
+    if path in _MATMUL_OPS and x2.shape[0] > 0:
+        y = _MATMUL_OPS[path](x2, codes.contiguous(), cb, sc, b)
     else:
         w = torch.ops.aqlmkit.cuda_dequant(codes.contiguous(), cb, sc)
         y = F.linear(x2, w, b)

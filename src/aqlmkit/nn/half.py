@@ -37,12 +37,14 @@ def half_dense_fast(device, dtype: torch.dtype) -> bool:
     return torch.device(device).type == "cpu" and dtype == torch.float32 and kernels.half_kernel_available()
 
 
-def half_dense_names(model: nn.Module) -> set[str]:
+def half_dense_names(model: nn.Module, subclasses: bool = False) -> set[str]:
     """Tensor names of the layers that may stay 16-bit: exact ``nn.Linear``/``nn.Embedding`` only
-    (subclasses such as scaled embeddings do their own math on ``weight``)."""
+    (subclasses such as scaled embeddings do their own math on ``weight``); with ``subclasses``
+    every unquantized linear/embedding, i.e. the tensors a checkpoint may store in 16 bits."""
     names = set()
     for prefix, m in model.named_modules():
-        if type(m) in (nn.Linear, nn.Embedding):
+        dense = isinstance(m, (nn.Linear, nn.Embedding)) if subclasses else type(m) in (nn.Linear, nn.Embedding)
+        if dense:
             names.update(f"{prefix}.{n}" if prefix else n for n, _ in m.named_parameters(recurse=False))
     return names
 

@@ -217,7 +217,7 @@ cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream)
     if (e != cudaSuccess) return e;
   }
   if (lut_bmax(a.batch) != BMAX || a.in_features % 8 != 0) return cudaErrorInvalidValue;
-  const int nsplits = (a.in_features / 8 * K + CB - 1) / CB;  // == lut_num_splits(...)
+  const int nsplits = lut_num_splits(a.in_features, K, a.batch);
   const int tiles = (a.out_features + RPP - 1) / RPP;
   // One full wave: as many row tiles as resident blocks allow; each tile walks `passes` passes.
   int row_tiles = a.num_sms * occupancy / nsplits;
