@@ -22,8 +22,8 @@ from aqlmkit.config import Scheme
 from aqlmkit.eval.perplexity import perplexity
 from aqlmkit.eval.report import save_report
 from aqlmkit.formats.loading import load_model
-from aqlmkit.pipeline.baselines import baseline_bits, gptq_model, rtn_model
-from aqlmkit.pipeline.job import build_configs
+from aqlmkit.app.baselines import baseline_bits, gptq_model, rtn_model
+from aqlmkit.app.job import build_configs
 from aqlmkit.pipeline.quantize import calibration_ids, quantize_model
 from aqlmkit.pipeline.report import bits_summary
 from aqlmkit.utils import cache_dir

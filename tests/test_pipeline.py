@@ -135,7 +135,7 @@ def test_block_finetune_lowers_loss_and_keeps_best(make_tiny_model):
 
 
 def test_config_precedence_and_bad_config(tmp_path):
-    from aqlmkit.pipeline.job import build_configs, load_config_file
+    from aqlmkit.app.job import build_configs, load_config_file
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"scheme": "1x16g8", "calibration": {"nsamples": 7, "seqlen": 99},
@@ -169,7 +169,7 @@ def test_quantize_on_cuda_matches_cpu_quality(make_tiny_model, tmp_path):
 
 
 def test_rtn_and_gptq_baselines_through_the_harness(make_tiny_model):
-    from aqlmkit.pipeline.baselines import baseline_bits, gptq_model, rtn_model
+    from aqlmkit.app.baselines import baseline_bits, gptq_model, rtn_model
 
     model = make_tiny_model("llama")
     ev = _ids(4, 32, seed=1)

@@ -67,7 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
 
 def run(args) -> int:
     from aqlmkit.config import Scheme
-    from aqlmkit.pipeline.job import JobConfig, build_configs, format_table, load_config_file, run_job
+    from aqlmkit.app.job import JobConfig, build_configs, format_table, load_config_file, run_job
 
     file_cfg = load_config_file(args.config)
     calib, layer, ft = build_configs(file_cfg, _overrides(args))

@@ -112,7 +112,7 @@ def run_job(model_spec: str, output: str | Path, job: JobConfig, work_dir: str |
            "seconds": round(seconds, 1)}
     rows.append(row)
     if fp_model is not None:
-        from aqlmkit.pipeline.baselines import baseline_rows
+        from aqlmkit.app.baselines import baseline_rows
 
         rows += baseline_rows(fp_model, tok, job, bits_target=bits["avg_bits_quantized"],
                               ppl=lambda m: _ppl(m, tok, job) if evaluate else None)
