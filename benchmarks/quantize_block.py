@@ -23,7 +23,7 @@ import torch
 from aqlmkit.config import LayerQuantConfig, Scheme
 from aqlmkit.engine import quantize_linear, relative_error
 from aqlmkit.engine.baselines import gptq_quantize
-from aqlmkit.engine.presets import ENGINE_PRESETS
+from aqlmkit.app.recipes import build_recipe
 from aqlmkit.kernels.reference import dequantize
 from aqlmkit.utils import atomic_save_json
 
@@ -102,7 +102,7 @@ def parse_args(argv):
 
 
 def layer_config(device: torch.device, overrides: list[str]) -> LayerQuantConfig:
-    base = dict(ENGINE_PRESETS["gpu" if device.type == "cuda" else "fast_cpu"])
+    base = dataclasses.asdict(build_recipe("standard" if device.type == "cuda" else "quick").layer)
     names = {f.name for f in dataclasses.fields(LayerQuantConfig)}
     for item in overrides:
         key, _, value = item.partition("=")

@@ -143,12 +143,3 @@ def test_lazy_block_updates_match_eager():
                                   c, scales, block=block)
         results.append(c)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-
-
-def test_engine_presets():
-    from aqlmkit.engine import engine_preset
-    from aqlmkit.errors import AqlmkitError
-
-    assert engine_preset("fast_cpu", seed=3).seed == 3
-    with pytest.raises(AqlmkitError, match="unknown engine preset"):
-        engine_preset("nope")

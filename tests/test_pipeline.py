@@ -134,20 +134,30 @@ def test_block_finetune_lowers_loss_and_keeps_best(make_tiny_model):
     assert got == pytest.approx(st.loss_after, rel=1e-4)  # the kept state is the best one
 
 
-def test_config_precedence_and_bad_config(tmp_path):
-    from aqlmkit.app.job import build_configs, load_config_file
+def test_recipe_precedence_and_bad_config(tmp_path):
+    from aqlmkit.app.recipes import build_recipe, load_config_file
 
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"scheme": "1x16g8", "calibration": {"nsamples": 7, "seqlen": 99},
-                                "finetune": {"epochs": 5}}))
-    calib, layer, ft = build_configs(load_config_file(str(path)), {"calibration": {"seqlen": 64}})
-    assert (calib.nsamples, calib.seqlen, ft.epochs, layer.max_epochs) == (7, 64, 5, 4)
-    path.write_text(json.dumps({"calibration": {"nsample": 7}}))
-    with pytest.raises(AqlmkitError, match="nsample"):
-        build_configs(load_config_file(str(path)), {})
-    path.write_text(json.dumps({"calib": {}}))
-    with pytest.raises(AqlmkitError, match="unknown section"):
-        load_config_file(str(path))
+                                "finetune": {"epochs": 5}, "pv": None}))
+    r = build_recipe("quick", load_config_file(str(path)), {"calibration": {"seqlen": 64}})
+    assert (r.calibration.nsamples, r.calibration.seqlen, r.finetune.epochs, r.layer.max_epochs) == (7, 64, 5, 4)
+    assert r.scheme.name == "1x16g8" and r.pv is None and r.global_ft is not None
+    std = build_recipe("standard")
+    assert std.calibration.nsamples * std.calibration.seqlen >= 1_000_000 and std.pv is not None
+    for bad, match in (({"calibration": {"nsample": 7}}, "nsample"), ({"calibration": {"nsamples": "7"}}, "type"),
+                       ({"layer": {"beam_size": 0}}, "beam_size"), ({"global": {"lr": -1.0}}, "global.lr"),
+                       ({"pv": {"v": {"max_change": 0.0}}}, "max_change"), ({"global": None, "pv": {}}, "needs the global"),
+                       ({"layer": []}, "must be an object")):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(AqlmkitError, match=match):
+            build_recipe("quick", load_config_file(str(path)), {})
+    for text, match in (('{"calib": {}}', "unknown section"), ("[1, 2]", "JSON object"), ("{", "not valid JSON")):
+        path.write_text(text)
+        with pytest.raises(AqlmkitError, match=match):
+            load_config_file(str(path))
+    with pytest.raises(AqlmkitError, match="unknown recipe"):
+        build_recipe("fastest")
 
 
 @pytest.mark.gpu

@@ -171,6 +171,39 @@ class FinetuneConfig:
     seed: int = 0
 
 
+@dataclass
+class GlobalFinetuneConfig:
+    """End-to-end KL distillation of the whole quantized model from its fp teacher (P-steps).
+
+    Every ``eval_every`` steps the held-out KL is measured: a round that raised it by more than
+    ``tolerance`` (relative) is rolled back to the best state and the learning rates halve; the
+    best state is what the run returns (keep-best). ``checkpoint_every`` steps the whole state is
+    written atomically to the work dir, so a killed run resumes where it stopped.
+    """
+
+    steps: int = 32
+    lr: float = 1e-4
+    batch_size: int = 4
+    eval_every: int = 4
+    tolerance: float = 0.01
+    checkpoint_every: int = 8
+    nsamples: int = 128      # training windows (drawn from the calibration split)
+    val_samples: int = 8     # held-out windows for the KL that drives rollback / keep-best
+    seqlen: int = 512
+    seed: int = 0
+
+
+@dataclass
+class PVConfig:
+    """PV-tuning's V-step (see ``pipeline.pv_tuning``); ``None`` in a recipe means P-only."""
+
+    code_lr: float = 1e-2       # ||ΔW̃|| / ||W̃|| per step of the straight-through copies
+    beta2: float = 0.95         # Adam second-moment decay of those steps (beta1 = 0)
+    max_change: float = 0.01    # fraction of code groups one V-step may re-encode
+    trust_ratio: float | None = 1e-2  # bound on ||ΔŴ|| / ||Ŵ|| of one V-step
+    beam_size: int = 1
+
+
 def dataclass_from_dict(cls, data: dict):
     """Build dataclass ``cls`` from ``data``, refusing unknown keys with a clear error."""
     names = {f.name for f in fields(cls)}
@@ -182,5 +215,6 @@ def dataclass_from_dict(cls, data: dict):
 
 __all__ = [
     "Scheme", "PRESETS", "LayerQuantConfig", "CalibrationConfig", "FinetuneConfig",
+    "GlobalFinetuneConfig", "PVConfig",
     "dataclass_from_dict", "asdict", "field",
 ]

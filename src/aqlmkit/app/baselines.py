@@ -62,21 +62,24 @@ def gptq_model(model: nn.Module, ids: torch.Tensor, bits: int, group_size: int, 
     return model
 
 
-def baseline_rows(fp_model: nn.Module, tokenizer, job, bits_target: float,
-                  ppl: Callable[[nn.Module], float | None], group_size: int = 128) -> list[dict]:
-    """RTN and GPTQ rows at the integer bit width whose true cost is closest to ``bits_target``."""
+def baseline_rows(fp_model: nn.Module, tokenizer, recipe, bits_target: float,
+                  ppl: Callable[[nn.Module], dict], group_size: int = 128) -> list[dict]:
+    """RTN and GPTQ rows at the integer bit width whose true cost is closest to ``bits_target``.
+
+    ``ppl(model)`` returns the row's perplexity fields (``{"ppl": ..., "ood_ppl": ...}``).
+    """
     from aqlmkit.pipeline.quantize import calibration_ids
 
     bits = max(2, round(bits_target - 32 / group_size))
     rows = []
     t = time.time()
-    m = rtn_model(copy.deepcopy(fp_model), bits, group_size, job.calib.skip)
+    m = rtn_model(copy.deepcopy(fp_model), bits, group_size, recipe.calibration.skip)
     rows.append({"method": "RTN", "scheme": f"int{bits}g{group_size}",
-                 "avg_bits": baseline_bits(bits, group_size), "ppl": ppl(m), "seconds": round(time.time() - t, 1)})
+                 "avg_bits": baseline_bits(bits, group_size), **ppl(m), "seconds": round(time.time() - t, 1)})
     del m
     t = time.time()
-    ids = calibration_ids(tokenizer, job.calib)
-    m = gptq_model(fp_model, ids, bits, group_size, job.calib.device, job.calib.skip)
+    ids = calibration_ids(tokenizer, recipe.calibration)
+    m = gptq_model(fp_model, ids, bits, group_size, recipe.calibration.device, recipe.calibration.skip)
     rows.append({"method": "GPTQ", "scheme": f"int{bits}g{group_size}",
-                 "avg_bits": baseline_bits(bits, group_size), "ppl": ppl(m), "seconds": round(time.time() - t, 1)})
+                 "avg_bits": baseline_bits(bits, group_size), **ppl(m), "seconds": round(time.time() - t, 1)})
     return rows

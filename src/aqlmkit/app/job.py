@@ -1,133 +1,160 @@
-"""The `aqlmkit quantize` main job: load -> quantize -> save -> evaluate -> table.
+"""The `aqlmkit quantize` main job: load -> calibrate -> global FT -> PV -> save, PPL per stage.
 
-Kept apart from the CLI so the benchmark script and tests drive the very same code.
+Kept apart from the CLI so the benchmark script and tests drive the very same code. Every stage
+resumes from its own state in the work dir; the table row of each stage gives in-domain and
+out-of-domain perplexity.
 """
 from __future__ import annotations
 
 import copy
-import json
+import hashlib
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 
-from aqlmkit.config import (CalibrationConfig, FinetuneConfig, LayerQuantConfig, Scheme,
-                            dataclass_from_dict)
+from aqlmkit.app.recipes import Recipe
 from aqlmkit.errors import AqlmkitError
 
-# Defaults sized for the embedded 135M model on 2 CPU cores (<= 15 min end to end); the
-# dataclass defaults stay the paper's (128 x 4096 tokens) for the Python API.
-QUICK_CALIB = dict(nsamples=16, seqlen=512)
-QUICK_LAYER = dict(max_epochs=4, steps_per_epoch=20, init_max_iter=10, beam_size=1)
-QUICK_FINETUNE = dict(epochs=1, lr=1e-4)
 
-
-@dataclass
-class JobConfig:
-    scheme: Scheme
-    calib: CalibrationConfig
-    layer: LayerQuantConfig
-    finetune: FinetuneConfig
-    eval_dataset: str = "default"
-    eval_tokens: int | None = 16384
-    eval_seqlen: int = 2048
-    baselines: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def load_config_file(path: str | None) -> dict:
-    """``{"scheme": ..., "calibration": {...}, "layer": {...}, "finetune": {...}}`` (all optional)."""
-    if not path:
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise AqlmkitError(f"config file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise AqlmkitError(f"config file {path} is not valid JSON: {e}") from None
-    allowed = {"scheme", "calibration", "layer", "finetune", "eval"}
-    bad = sorted(set(data) - allowed)
-    if bad:
-        raise AqlmkitError(f"config file {path}: unknown section(s) {bad}; allowed: {sorted(allowed)}")
-    return data
-
-
-def build_configs(file_cfg: dict, overrides: dict[str, dict]) -> tuple[CalibrationConfig, LayerQuantConfig, FinetuneConfig]:
-    """Quick defaults < config file < explicit flags (``overrides`` holds only flags given)."""
-    out = []
-    for cls, quick, key in ((CalibrationConfig, QUICK_CALIB, "calibration"),
-                            (LayerQuantConfig, QUICK_LAYER, "layer"), (FinetuneConfig, QUICK_FINETUNE, "finetune")):
-        merged = {**quick, **file_cfg.get(key, {}), **overrides.get(key, {})}
-        if "skip" in merged:
-            merged["skip"] = tuple(merged["skip"])
-        out.append(dataclass_from_dict(cls, merged))
-    return tuple(out)  # type: ignore[return-value]
-
-
-def _ppl(model, tokenizer, job: JobConfig) -> float:
+def stage_ppl(model, tokenizer, recipe: Recipe, evaluate: bool = True) -> dict:
+    """``{"ppl": in-domain, "ood_ppl": out-of-domain}`` on the eval splits (None when skipped)."""
     from aqlmkit.eval.perplexity import perplexity
 
-    return perplexity(model, tokenizer, job.eval_dataset, seqlen=job.eval_seqlen,
-                      limit_tokens=job.eval_tokens).ppl
+    if not evaluate:
+        return {"ppl": None, "ood_ppl": None}
+    ev = recipe.eval
+
+    def one(dataset):
+        if dataset is None:
+            return None
+        return perplexity(model, tokenizer, dataset, seqlen=ev.seqlen, limit_tokens=ev.tokens).ppl
+
+    return {"ppl": one(ev.dataset), "ood_ppl": one(ev.ood_dataset)}
 
 
 def default_work_dir(output: str | Path) -> Path:
     """Resume state lives in the cache (it is big), keyed by the output folder."""
-    import hashlib
-
     from aqlmkit.utils import cache_dir
 
     key = hashlib.sha1(str(Path(output).resolve()).encode()).hexdigest()[:12]
     return cache_dir() / "runs" / f"{Path(output).name}-{key}"
 
 
-def run_job(model_spec: str, output: str | Path, job: JobConfig, work_dir: str | Path | None,
+def global_data(tokenizer, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and held-out windows of the global stages, from the calibration split.
+
+    The held-out windows are drawn with another seed; they steer rollback and keep-best only,
+    while the perplexities in the table come from the eval split, which no stage trains on.
+    """
+    from aqlmkit.data.calibration import calibration_batches
+
+    g, ds = recipe.global_ft, recipe.calibration.dataset
+    train = calibration_batches(tokenizer, ds, g.nsamples, g.seqlen, g.seed)
+    val = calibration_batches(tokenizer, ds, g.val_samples, g.seqlen, g.seed + 7919)
+    return train, val
+
+
+def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path, fresh: bool,
+                      on_stage=None) -> list[dict]:
+    """Global P-step distillation, then the PV stage; returns one stats dict per stage run."""
+    from dataclasses import asdict, replace
+
+    from aqlmkit.pipeline.finetune_global import finetune_global
+
+    if recipe.global_ft is None:
+        return []
+    train, val = global_data(tokenizer, recipe)
+    device = recipe.calibration.device
+    out = []
+    stages = [("global", recipe.global_ft, None)]
+    if recipe.pv is not None:
+        pv_cfg = replace(recipe.global_ft, steps=recipe.pv.steps, lr=recipe.pv.lr or recipe.global_ft.lr)
+        stages.append(("pv", pv_cfg, recipe.pv.v))
+    for name, cfg, v in stages:
+        t = time.time()
+        st = finetune_global(model, teacher, train, cfg, device, pv=v, val_ids=val,
+                             work_dir=work_dir / name, resume=not fresh)
+        rec = {"stage": name, "seconds": round(time.time() - t, 1),
+               **{k: val_ for k, val_ in asdict(st).items() if k != "history"}}
+        out.append(rec)
+        if on_stage is not None:
+            on_stage(name, rec)
+    return out
+
+
+def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str | Path | None,
             fresh: bool = False, dtype: str = "auto", evaluate: bool = True) -> list[dict]:
     """Quantize ``model_spec`` into ``output`` (AQLM HF format); returns the table rows."""
     from aqlmkit.formats.aqlm_hf import save_quantized
     from aqlmkit.formats.loading import load_model
     from aqlmkit.pipeline.quantize import quantize_model
     from aqlmkit.pipeline.report import bits_summary
-
-    model, tok = load_model(model_spec, device=job.calib.device, dtype=dtype)
-    rows, ppl_fp = [], None
-    if evaluate:
-        t = time.time()
-        ppl_fp = _ppl(model, tok, job)
-        rows.append({"method": "fp", "scheme": str(next(model.parameters()).dtype).replace("torch.", ""),
-                     "avg_bits": 16.0, "ppl": ppl_fp, "seconds": round(time.time() - t, 1)})
-    fp_model = copy.deepcopy(model) if job.baselines else None
-    t = time.time()
-    wd = Path(work_dir) if work_dir else default_work_dir(output)
-    model = quantize_model(model, tok, job.scheme, job.calib, job.layer, job.finetune, wd, resume=not fresh)
-    seconds = time.time() - t
-    bits = bits_summary(model)
-    save_quantized(model, tok, output, job.scheme, skip=job.calib.skip,
-                   card={"calibration": f"{job.calib.dataset} {job.calib.nsamples}x{job.calib.seqlen}"})
-    report = wd / "quantize_report.json"
-    if report.exists():
-        (Path(output) / "quantize_report.json").write_bytes(report.read_bytes())
-    row = {"method": "AQLM", "scheme": job.scheme.name, "avg_bits": bits["avg_bits_quantized"],
-           "model_bits": bits["avg_bits_model"], "ppl": _ppl(model, tok, job) if evaluate else None,
-           "seconds": round(seconds, 1)}
-    rows.append(row)
-    if fp_model is not None:
-        from aqlmkit.app.baselines import baseline_rows
-
-        rows += baseline_rows(fp_model, tok, job, bits_target=bits["avg_bits_quantized"],
-                              ppl=lambda m: _ppl(m, tok, job) if evaluate else None)
     from aqlmkit.utils import atomic_save_json
 
-    atomic_save_json(Path(output) / "quantize_results.json", {"rows": rows, "ppl_fp": ppl_fp})
+    wd = Path(work_dir) if work_dir else default_work_dir(output)
+    model, tok = load_model(model_spec, device=recipe.calibration.device, dtype=dtype)
+    rows: list[dict] = []
+    if evaluate:
+        t = time.time()
+        rows.append({"method": "fp", "scheme": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     "avg_bits": 16.0, **stage_ppl(model, tok, recipe), "seconds": round(time.time() - t, 1)})
+    keep_fp = recipe.baselines or recipe.global_ft is not None
+    fp_model = copy.deepcopy(model) if keep_fp else None
+    t = time.time()
+    model = quantize_model(model, tok, recipe.scheme, recipe.calibration, recipe.layer, recipe.finetune, wd,
+                           resume=not fresh)
+    bits = bits_summary(model)
+    base = {"method": "AQLM", "scheme": recipe.scheme.name, "avg_bits": bits["avg_bits_quantized"],
+            "model_bits": bits["avg_bits_model"]}
+    rows.append({**base, "stage": "calibration", **stage_ppl(model, tok, recipe, evaluate),
+                 "seconds": round(time.time() - t, 1)})
+    stats = []
+    if recipe.global_ft is not None:
+        def on_stage(name, rec):
+            label = "global FT" if name == "global" else "PV"
+            rows.append({**base, "stage": label, **stage_ppl(model, tok, recipe, evaluate),
+                         "seconds": rec["seconds"], "kl_before": rec["kl_before"], "kl_after": rec["kl_after"],
+                         "codes_changed": rec["codes_changed"]})
+
+        stats = run_global_stages(model, fp_model, tok, recipe, wd, fresh, on_stage)
+    fp_model_for_baselines = fp_model if recipe.baselines else None
+    card = {"recipe": recipe.name,
+            "calibration": f"{recipe.calibration.dataset} {recipe.calibration.nsamples}x{recipe.calibration.seqlen}"}
+    if stats:
+        card["finetune"] = ", ".join(f"{s['stage']} {s['steps']} steps" for s in stats)
+    save_quantized(model, tok, output, recipe.scheme, skip=recipe.calibration.skip, card=card)
+    report = wd / "quantize_report.json"
+    if report.exists():
+        from aqlmkit.utils import atomic_write
+
+        with atomic_write(Path(output) / "quantize_report.json", "wb") as f:
+            f.write(report.read_bytes())
+    if fp_model_for_baselines is not None:
+        from aqlmkit.app.baselines import baseline_rows
+
+        rows += baseline_rows(fp_model_for_baselines, tok, recipe, bits_target=bits["avg_bits_quantized"],
+                              ppl=lambda m: stage_ppl(m, tok, recipe, evaluate))
+    atomic_save_json(Path(output) / "quantize_results.json",
+                     {"rows": rows, "stages": stats, "recipe": recipe.to_dict()})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'method':<8} {'scheme':<10} {'avg bits':>9} {'model bits':>10} {'PPL':>10} {'seconds':>8}"
+    head = (f"{'method':<8} {'scheme':<10} {'stage':<12} {'avg bits':>9} {'model bits':>10} {'PPL':>10} "
+            f"{'OOD PPL':>10} {'seconds':>8}")
     lines = [head, "-" * len(head)]
+
+    def num(v, fmt="{:.3f}"):
+        return fmt.format(v) if v is not None else "-"
+
     for r in rows:
-        ppl = f"{r['ppl']:.3f}" if r.get("ppl") is not None else "-"
-        mb = f"{r['model_bits']:.3f}" if r.get("model_bits") is not None else "-"
-        lines.append(f"{r['method']:<8} {r['scheme']:<10} {r['avg_bits']:>9.3f} {mb:>10} {ppl:>10} "
+        lines.append(f"{r['method']:<8} {r['scheme']:<10} {r.get('stage', ''):<12} {r['avg_bits']:>9.3f} "
+                     f"{num(r.get('model_bits')):>10} {num(r.get('ppl')):>10} {num(r.get('ood_ppl')):>10} "
                      f"{r['seconds']:>8}")
     return "\n".join(lines)
+
+
+def check_recipe_device(recipe: Recipe) -> None:
+    if recipe.calibration.device.startswith("cuda") and not torch.cuda.is_available():
+        raise AqlmkitError("--device cuda was given but no CUDA device is available; use --device cpu")

@@ -1,57 +1,93 @@
-"""`aqlmkit finetune`: distil an AQLM checkpoint from its fp teacher (P-steps + PV-tuning V-steps)."""
+"""`aqlmkit finetune`: distil an AQLM checkpoint from its fp teacher (P-steps, then PV-tuning)."""
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
+from aqlmkit.app.recipes import RECIPES
 from aqlmkit.cli._common import add_model_args
+
+# flag dest -> (recipe section, field); only flags the user gives override the recipe.
+_FLAGS = {
+    "dataset": ("calibration", "dataset"), "nsamples": ("global", "nsamples"), "seqlen": ("global", "seqlen"),
+    "val_samples": ("global", "val_samples"), "steps": ("global", "steps"), "lr": ("global", "lr"),
+    "batch_size": ("global", "batch_size"), "eval_every": ("global", "eval_every"),
+    "seed": ("global", "seed"), "pv_steps": ("pv", "steps"),
+}
+_V_FLAGS = {"code_lr": "code_lr", "max_change": "max_change", "trust_ratio": "trust_ratio",
+            "beam_size": "beam_size"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("finetune", help="global fine-tuning / PV-tuning of an AQLM checkpoint",
                        description="End-to-end KL distillation of a quantized model (--model) from its "
-                                   "full-precision teacher; V-steps (PV-tuning) also update the codes.")
+                                   "full-precision teacher (P-steps), then PV-tuning (V-steps also update the "
+                                   "codes). Held-out KL is checked every --eval-every steps: worse rounds are "
+                                   "rolled back and the best state is saved. Resumable.")
     add_model_args(p)
     p.add_argument("--teacher", default="default", help="fp teacher (default: the embedded model)")
     p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
-    p.add_argument("--dataset", default="default", help="training corpus (calibration split)")
-    p.add_argument("--nsamples", type=int, default=64)
-    p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-5, help="Adam lr of the P-step")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
+                   help="defaults of the global and pv sections (default quick)")
+    p.add_argument("--dataset", help="training corpus (its calibration split)")
+    p.add_argument("--nsamples", type=int, help="training windows")
+    p.add_argument("--val-samples", type=int, help="held-out windows for the KL check")
+    p.add_argument("--seqlen", type=int)
+    p.add_argument("--steps", type=int, help="P-step (global) stage steps")
+    p.add_argument("--pv-steps", type=int, help="PV stage steps")
+    p.add_argument("--lr", type=float, help="Adam lr of the P-step")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-every", type=int, help="steps between held-out checks (and V-steps)")
+    p.add_argument("--seed", type=int)
     p.add_argument("--no-pv", action="store_true", help="P-steps only (no code updates)")
-    p.add_argument("--v-lr", type=float, default=0.3, help="V-step size, in units of rms(W)")
-    p.add_argument("--v-max-change", type=float, default=0.05, help="max fraction of codes changed per V-step")
-    p.add_argument("--v-every", type=int, default=10, help="P-steps between V-steps")
+    p.add_argument("--code-lr", type=float, help="relative step of the straight-through weights per step")
+    p.add_argument("--max-change", type=float, help="max fraction of code groups one V-step changes")
+    p.add_argument("--trust-ratio", type=float, help="max ||dW||/||W|| of one V-step")
+    p.add_argument("--beam-size", type=int, help="beam of the V-step's code search")
+    p.add_argument("--work-dir", help="resume state folder (default: in the aqlmkit cache)")
+    p.add_argument("--fresh", action="store_true", help="discard a previous run's resume state")
     p.set_defaults(func=run)
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    out: dict = {"calibration": {"device": args.device}}
+    for dest, (section, name) in _FLAGS.items():
+        v = getattr(args, dest)
+        if v is not None:
+            out.setdefault(section, {})[name] = v
+    v = {k: getattr(args, d) for d, k in _V_FLAGS.items() if getattr(args, d) is not None}
+    if v:
+        out.setdefault("pv", {})["v"] = v
+    if args.no_pv:
+        out["pv"] = None
+    return out
+
+
 def run(args) -> int:
-    from aqlmkit.config import FinetuneConfig
-    from aqlmkit.data.calibration import calibration_batches
+    from aqlmkit.app.job import check_recipe_device, default_work_dir, run_global_stages
+    from aqlmkit.app.recipes import build_recipe
     from aqlmkit.errors import AqlmkitError
     from aqlmkit.formats.aqlm_hf import save_quantized
     from aqlmkit.formats.loading import load_model
-    from aqlmkit.nn import QuantizedLinear
-    from aqlmkit.pipeline.finetune_global import finetune_global
-    from aqlmkit.pipeline.pv_tuning import VStepConfig
+    from aqlmkit.pipeline.finetune_global import check_teacher
+    from aqlmkit.pipeline.pv_tuning import quantized_layers
 
+    recipe = build_recipe(args.recipe, None, _overrides(args))
+    check_recipe_device(recipe)
     student, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    layers = [m for m in student.modules() if isinstance(m, QuantizedLinear)]
+    layers = quantized_layers(student)
     if not layers:
         raise AqlmkitError(f"{args.model} is not an AQLM checkpoint (no quantized layers): quantize it "
                            "first with `aqlmkit quantize`")
     teacher, _ = load_model(args.teacher, device=args.device, dtype=args.dtype)
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise AqlmkitError(f"teacher vocab {teacher.config.vocab_size} != student vocab "
-                           f"{student.config.vocab_size}: give the fp model the student was quantized from")
-    ids = calibration_batches(tok, args.dataset, args.nsamples, args.seqlen, args.seed)
-    cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed)
-    v = None if args.no_pv else VStepConfig(args.v_lr, args.v_max_change, args.v_every)
-    st = finetune_global(student, teacher, ids, cfg, args.device, v_step=v)
+    check_teacher(student, teacher)
+    wd = Path(args.work_dir) if args.work_dir else default_work_dir(args.output) / "finetune"
+    stats = run_global_stages(student, teacher, tok, recipe, wd, args.fresh)
     save_quantized(student, tok, args.output, layers[0].scheme,
-                   card={"finetune": f"KL distillation{'' if v is None else ' + PV-tuning'}, "
-                                     f"{args.nsamples}x{args.seqlen} tokens, {st.steps} steps"})
-    print(f"KL(teacher||student): {st.kl_before:.5f} -> {st.kl_after:.5f} "
-          f"({st.steps} steps, {st.codes_changed} code groups changed)")
+                   card={"finetune": ", ".join(f"{s['stage']} {s['steps']} steps" for s in stats)})
+    for s in stats:
+        print(f"{s['stage']:>6}: held-out KL {s['kl_before']:.5f} -> {s['kl_after']:.5f} ({s['steps']} steps, "
+              f"{s['codes_changed']} code groups changed, {s['v_kept']} V-steps kept / {s['v_undone']} undone, "
+              f"{s['rollbacks']} rollbacks)")
     print(f"saved {args.output}")
     return 0

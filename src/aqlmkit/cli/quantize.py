@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from aqlmkit.cli._common import add_model_args
+from aqlmkit.app.recipes import RECIPES
 from aqlmkit.config import PRESETS
 
 # flag dest -> (config section, field); only flags the user gives override the config file.
@@ -13,20 +14,25 @@ _FLAGS = {
     "seed": ("calibration", "seed"), "beam_size": ("layer", "beam_size"), "epochs": ("layer", "max_epochs"),
     "steps_per_epoch": ("layer", "steps_per_epoch"), "lr": ("layer", "lr"),
     "init_iters": ("layer", "init_max_iter"), "finetune_epochs": ("finetune", "epochs"),
-    "finetune_lr": ("finetune", "lr"),
+    "finetune_lr": ("finetune", "lr"), "global_steps": ("global", "steps"), "global_lr": ("global", "lr"),
+    "pv_steps": ("pv", "steps"),
 }
 
 
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="AQLM-quantize a model, save it in the AQLM HF format, report PPL",
-                       description="Block-by-block AQLM calibration (resumable: rerun the same command "
-                                   "after an interruption). Defaults fit the embedded 135M model on 2 CPU "
-                                   "cores in about 15 minutes.")
+                       description="Block-by-block AQLM calibration, then global KL fine-tuning and "
+                                   "PV-tuning (every stage resumable: rerun the same command after an "
+                                   "interruption). The default recipe 'quick' fits the embedded 135M model on "
+                                   "2 CPU cores in about 15 minutes; 'standard' is the GPU recipe.")
     add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
     p.add_argument("--scheme", default=None,
                    help=f"KxB[gG], e.g. 2x8g8 (default) or a preset: {', '.join(PRESETS)}")
-    p.add_argument("--config", help="JSON file: {scheme, calibration:{...}, layer:{...}, finetune:{...}}")
+    p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
+                   help="named settings for the whole job (default quick; standard for GPUs)")
+    p.add_argument("--config", help="JSON file overriding recipe sections: {scheme, calibration, layer, "
+                                    "finetune, global, pv, eval} (null disables global/pv)")
     g = p.add_argument_group("calibration")
     g.add_argument("--dataset", help="calibration corpus (default: the embedded default text)")
     g.add_argument("--nsamples", type=int, help="calibration sequences (default 16)")
@@ -43,11 +49,18 @@ def register(sub) -> None:
     g = p.add_argument_group("block fine-tuning")
     g.add_argument("--finetune-epochs", type=int, help="0 disables (default 1)")
     g.add_argument("--finetune-lr", type=float)
+    g = p.add_argument_group("global fine-tuning and PV-tuning")
+    g.add_argument("--global-steps", type=int, help="KL distillation steps of the whole model")
+    g.add_argument("--global-lr", type=float)
+    g.add_argument("--pv-steps", type=int, help="steps of the PV-tuning stage (P-steps + V-steps on codes)")
+    g.add_argument("--no-global", action="store_true", help="skip global fine-tuning and PV-tuning")
+    g.add_argument("--no-pv", action="store_true", help="skip the PV-tuning stage")
     g = p.add_argument_group("run")
     g.add_argument("--work-dir", help="resume state folder (default: in the aqlmkit cache)")
     g.add_argument("--fresh", action="store_true", help="discard a previous run's checkpoint")
-    g.add_argument("--eval-dataset", default="default")
-    g.add_argument("--eval-tokens", type=int, default=16384, help="PPL token budget (0: whole text)")
+    g.add_argument("--eval-dataset", help="in-domain eval corpus (default: default)")
+    g.add_argument("--ood-dataset", help="out-of-domain eval corpus (default: ood; 'none' skips it)")
+    g.add_argument("--eval-tokens", type=int, help="PPL token budget per corpus (0: whole text)")
     g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     g.add_argument("--baselines", action="store_true", help="add RTN and GPTQ rows at about the same bits")
     p.set_defaults(func=run)
@@ -61,20 +74,34 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict]:
         if v is not None:
             out.setdefault(section, {})[name] = v
     if args.skip is not None:
-        out["calibration"]["skip"] = tuple(s.strip() for s in args.skip.split(",") if s.strip())
+        out["calibration"]["skip"] = [s.strip() for s in args.skip.split(",") if s.strip()]
+    ev = {}
+    if args.eval_dataset is not None:
+        ev["dataset"] = args.eval_dataset
+    if args.ood_dataset is not None:
+        ev["ood_dataset"] = None if args.ood_dataset.lower() == "none" else args.ood_dataset
+    if args.eval_tokens is not None:
+        ev["tokens"] = args.eval_tokens or None
+    if ev:
+        out["eval"] = ev
+    if args.scheme is not None:
+        out["scheme"] = args.scheme
+    if args.baselines:
+        out["baselines"] = True
+    if args.no_pv or args.no_global:
+        out["pv"] = None
+    if args.no_global:
+        out["global"] = None
     return out
 
 
 def run(args) -> int:
-    from aqlmkit.config import Scheme
-    from aqlmkit.app.job import JobConfig, build_configs, format_table, load_config_file, run_job
+    from aqlmkit.app.job import check_recipe_device, format_table, run_job
+    from aqlmkit.app.recipes import build_recipe, load_config_file
 
-    file_cfg = load_config_file(args.config)
-    calib, layer, ft = build_configs(file_cfg, _overrides(args))
-    scheme = Scheme.parse(args.scheme or file_cfg.get("scheme", "2x8g8"))
-    job = JobConfig(scheme, calib, layer, ft, eval_dataset=args.eval_dataset,
-                    eval_tokens=args.eval_tokens or None, baselines=args.baselines)
-    rows = run_job(args.model, args.output, job, args.work_dir, fresh=args.fresh, dtype=args.dtype,
+    recipe = build_recipe(args.recipe, load_config_file(args.config), _overrides(args))
+    check_recipe_device(recipe)
+    rows = run_job(args.model, args.output, recipe, args.work_dir, fresh=args.fresh, dtype=args.dtype,
                    evaluate=not args.no_eval)
     print(format_table(rows))
     print(f"saved {args.output}")

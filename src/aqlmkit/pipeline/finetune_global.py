@@ -2,47 +2,66 @@
 
 P-step: Adam on every continuous parameter of the decoder (codebooks, scales, norms, biases),
 minimizing KL(teacher || student) on next-token distributions; embeddings and lm_head stay
-frozen (they are not quantized, and are most of a small model's parameters). V-step (optional,
-``pv_tuning.VStepConfig``): every ``every`` P-steps, update codes by the linearized search.
+frozen (they are not quantized, and are most of a small model's parameters). V-step (``pv``):
+straight-through copies of the weights collect the gradient every step, and every
+``eval_every`` steps a V-step re-encodes the few code groups that moved most
+(``pipeline.pv_tuning``).
+
+Nothing here may make the model worse on held-out data than what it was given: every
+``eval_every`` steps the held-out KL is measured; a round of P-steps that raised it beyond
+``tolerance`` is rolled back to the best state (and the learning rates halve), a V-step that
+raised it at all is undone, and the best state seen is what the run leaves in ``student``.
+The state is checkpointed atomically every ``checkpoint_every`` steps (``work_dir``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from aqlmkit.config import FinetuneConfig
+from aqlmkit.config import GlobalFinetuneConfig, PVConfig
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.nn import QuantizedLinear
-from aqlmkit.pipeline.pv_tuning import VStepConfig, dense_weights, v_step_layer
+from aqlmkit.pipeline.global_state import GlobalCheckpoint
+from aqlmkit.pipeline.pv_tuning import StraightThrough, quantized_layers, straight_through_forward
 
 
 @dataclass
 class GlobalStats:
-    kl_before: float
-    kl_after: float
+    kl_before: float               # held-out KL of the student as given
+    kl_after: float                # held-out KL of the state returned (the best one seen)
     steps: int
-    codes_changed: int = 0
-    history: list[float] = field(default_factory=list)
+    codes_changed: int = 0         # code groups changed by the V-steps that were kept
+    v_kept: int = 0
+    v_undone: int = 0
+    rollbacks: int = 0
+    history: list[dict] = field(default_factory=list)
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(p_teacher || p_student), in fp32."""
     t = F.log_softmax(teacher_logits.float(), -1)
+    return _kl_from_logprobs(student_logits, t)
+
+
+def _kl_from_logprobs(student_logits: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     s = F.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return (t_logp.exp() * (t_logp - s)).sum(-1).mean()
 
 
-def p_step_params(model: nn.Module) -> list[nn.Parameter]:
+def p_step_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Trainable parameters of the P-step by name: every float parameter but embeddings/lm_head."""
     if not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         raise AqlmkitError("the student has no QuantizedLinear layers: give an AQLM checkpoint "
                            "(aqlmkit quantize) as --model")
     frozen = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
               for p in m.parameters()}
-    return [p for p in model.parameters() if p.is_floating_point() and id(p) not in frozen]
+    return {n: p for n, p in model.named_parameters() if p.is_floating_point() and id(p) not in frozen}
 
 
 @torch.no_grad()
@@ -54,56 +73,205 @@ def evaluate_kl(student, teacher, ids: torch.Tensor, device, batch_size: int = 1
     return total / ids.shape[0]
 
 
-def _v_step(student, teacher, batch, cfg: VStepConfig) -> int:
-    with dense_weights(student) as layers:
-        with torch.enable_grad():
-            kl_loss(student(input_ids=batch).logits, teacher(input_ids=batch).logits).backward()
-        grads = [(m, m._dense.grad) for m in layers]
-    return sum(v_step_layer(m, g, cfg) for m, g in grads if g is not None)
+class _HeldOut:
+    """Held-out KL with the teacher's log-probs computed once (cached while they fit in 2 GiB)."""
+
+    def __init__(self, teacher, ids: torch.Tensor, device, batch_size: int) -> None:
+        self.teacher, self.ids, self.device, self.bs = teacher, ids, device, max(1, batch_size)
+        vocab = teacher.get_output_embeddings().out_features
+        self.cache: list[torch.Tensor] | None = None
+        if ids.numel() * vocab * 4 <= 2 ** 31:
+            self.cache = [self._teacher(b) for b in self._batches()]
+
+    def _batches(self):
+        return [self.ids[s:s + self.bs].to(self.device) for s in range(0, self.ids.shape[0], self.bs)]
+
+    @torch.no_grad()
+    def _teacher(self, b: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.teacher(input_ids=b).logits.float(), -1)
+
+    @torch.no_grad()
+    def __call__(self, student) -> float:
+        total = 0.0
+        for i, b in enumerate(self._batches()):
+            t = self.cache[i] if self.cache is not None else self._teacher(b)
+            total += _kl_from_logprobs(student(input_ids=b).logits, t).item() * b.shape[0]
+        return total / self.ids.shape[0]
 
 
-def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: FinetuneConfig,
-                    device="cpu", v_step: VStepConfig | None = None, eval_ids: torch.Tensor | None = None,
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Row indices of every step's batch [steps, bs]: one fresh permutation per epoch, so a resumed
+    run sees exactly the batches an uninterrupted one would."""
+    need = steps * batch_size
+    perms, epoch = [], 0
+    while sum(p.numel() for p in perms) < need:
+        perms.append(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)))
+        epoch += 1
+    return torch.cat(perms)[:need].view(steps, batch_size)
+
+
+def _snapshot(params: dict[str, nn.Parameter], layers: list[QuantizedLinear]) -> dict[str, torch.Tensor]:
+    snap = {f"p.{n}": p.detach().clone() for n, p in params.items()}
+    snap.update({f"codes.{i}": m.codes.detach().clone() for i, m in enumerate(layers)})
+    return snap
+
+
+@torch.no_grad()
+def _restore(snap: dict[str, torch.Tensor], params: dict[str, nn.Parameter],
+             layers: list[QuantizedLinear]) -> None:
+    for n, p in params.items():
+        p.copy_(snap[f"p.{n}"])
+    for i, m in enumerate(layers):
+        m.codes.copy_(snap[f"codes.{i}"])
+        m._kernel_cache.clear()
+
+
+def _check_inputs(ids: torch.Tensor, val_ids: torch.Tensor, cfg: GlobalFinetuneConfig) -> None:
+    if ids.dim() != 2 or ids.shape[0] < 1:
+        raise AqlmkitError("the fine-tuning set is empty: give at least one training window "
+                           "(--nsamples >= 1 and a corpus with enough text)")
+    if val_ids.dim() != 2 or val_ids.shape[0] < 1:
+        raise AqlmkitError("the held-out set is empty: give at least one validation window (--val-samples >= 1)")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_every < 1:
+        raise AqlmkitError(f"global fine-tuning needs steps, batch_size and eval_every >= 1 "
+                           f"(got {cfg.steps}, {cfg.batch_size}, {cfg.eval_every})")
+    if not cfg.lr > 0:
+        raise AqlmkitError(f"global fine-tuning lr={cfg.lr} must be a positive number")
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher must be the fp model the student was quantized from (same vocab and shape)."""
+    s_cfg, t_cfg = student.config, teacher.config
+    if s_cfg.vocab_size != t_cfg.vocab_size:
+        raise AqlmkitError(f"teacher vocab {t_cfg.vocab_size} != student vocab {s_cfg.vocab_size}: give the "
+                           "fp model the student was quantized from as --teacher")
+    for key in ("model_type", "hidden_size", "num_hidden_layers"):
+        if getattr(s_cfg, key, None) != getattr(t_cfg, key, None):
+            raise AqlmkitError(f"teacher {key}={getattr(t_cfg, key, None)!r} differs from the student's "
+                               f"{getattr(s_cfg, key, None)!r}: give the fp model the student was quantized "
+                               "from as --teacher")
+
+
+def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: GlobalFinetuneConfig,
+                    device="cpu", pv: PVConfig | None = None, val_ids: torch.Tensor | None = None,
+                    work_dir: str | Path | None = None, resume: bool = True,
                     progress: bool = True) -> GlobalStats:
-    """Distil ``teacher`` into ``student`` in place (P-steps, plus V-steps when ``v_step``)."""
-    eval_ids = ids if eval_ids is None else eval_ids
+    """Distil ``teacher`` into ``student`` in place (P-steps, plus V-steps with ``pv``)."""
+    val_ids = ids if val_ids is None else val_ids
+    _check_inputs(ids, val_ids, cfg)
+    check_teacher(student, teacher)
     student.to(device), teacher.to(device)
     teacher.eval()
     student.eval()  # no dropout: the objective is deterministic given the data
     for p in teacher.parameters():
         p.requires_grad_(False)
     params = p_step_params(student)
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    before = evaluate_kl(student, teacher, eval_ids, device, cfg.batch_size)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    bs, step, changed, hist = max(1, cfg.batch_size), 0, 0, []
-    total = cfg.epochs * ((ids.shape[0] + bs - 1) // bs)
-    bar = tqdm(total=total, desc="global finetune", disable=not progress)
+    layers = quantized_layers(student)
+    flags = {n: p.requires_grad for n, p in params.items()}
+    held_out = _HeldOut(teacher, val_ids, device, cfg.batch_size)
+    order = batch_order(ids.shape[0], cfg.steps, cfg.batch_size, cfg.seed)
+    opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95))
+    st = StraightThrough(layers, pv) if pv is not None else None
+    ckpt = GlobalCheckpoint(work_dir, cfg, pv, ids, val_ids) if work_dir is not None else None
+    run = _Run(student, params, layers, opt, st, held_out, cfg)
+    if ckpt is not None and resume and ckpt.exists():
+        ckpt.load(run)
+    else:
+        run.start()
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="global finetune" + (" (PV)" if st else ""),
+               disable=not progress)
     try:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(ids.shape[0], generator=gen)
-            for s in range(0, len(order), bs):
-                batch = ids[order[s:s + bs]].to(device)
-                with torch.enable_grad():
-                    with torch.no_grad():
-                        t_logits = teacher(input_ids=batch).logits
-                    loss = kl_loss(student(input_ids=batch).logits, t_logits)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                opt.step()
-                step += 1
-                hist.append(loss.item())
-                if v_step is not None and step % max(1, v_step.every) == 0:
-                    changed += _v_step(student, teacher, batch, v_step)
-                bar.update(1)
-                bar.set_postfix(kl=f"{hist[-1]:.4f}", codes_changed=changed)
+        for p in params.values():
+            p.requires_grad_(True)
+        while run.step < cfg.steps:
+            run.train_step(ids[order[run.step]].to(device), teacher)
+            bar.update(1)
+            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+                run.evaluate()
+                if ckpt is not None and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
+                    ckpt.save(run)
+            bar.set_postfix(kl=f"{run.last_loss:.4f}", val=f"{run.best_kl:.4f}",
+                            codes=run.stats.codes_changed)
     finally:
         bar.close()
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
             p.grad = None
-    after = evaluate_kl(student, teacher, eval_ids, device, cfg.batch_size)
-    return GlobalStats(before, after, step, changed, hist)
+    run.finish()
+    return run.stats
+
+
+class _Run:
+    """The mutable state of one global fine-tuning run (what a checkpoint holds)."""
+
+    def __init__(self, student, params, layers, opt, st, held_out, cfg: GlobalFinetuneConfig) -> None:
+        self.student, self.params, self.layers, self.opt, self.st = student, params, layers, opt, st
+        self.held_out, self.cfg = held_out, cfg
+        self.step, self.lr_scale, self.last_loss = 0, 1.0, float("nan")
+        self.best_kl, self.best = float("inf"), {}
+        self.stats = GlobalStats(float("nan"), float("nan"), 0)
+
+    def start(self) -> None:
+        kl = self.held_out(self.student)
+        self.stats.kl_before = self.best_kl = kl
+        self.best = _snapshot(self.params, self.layers)
+        self.stats.history.append({"step": 0, "val_kl": kl})
+
+    def train_step(self, batch: torch.Tensor, teacher) -> None:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=batch).logits
+        ctx = straight_through_forward(self.layers) if self.st is not None else contextlib.nullcontext()
+        with ctx, torch.enable_grad():
+            loss = kl_loss(self.student(input_ids=batch).logits, t_logits)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.st is not None:
+                self.st.accumulate()
+        self.opt.step()
+        for m in self.layers:  # codebooks/scales moved: packed kernel operands are stale
+            m._kernel_cache.clear()
+        self.step += 1
+        self.last_loss = loss.item()
+        self.stats.steps = self.step
+        self.stats.history.append({"step": self.step, "train_kl": self.last_loss})
+
+    def _set_lr(self) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = self.cfg.lr * self.lr_scale
+
+    def evaluate(self) -> None:
+        """P-round check (rollback beyond tolerance, keep-best), then the V-step and its check."""
+        kl = self.held_out(self.student)
+        rec = {"step": self.step, "val_kl": kl}
+        if kl > self.best_kl * (1 + self.cfg.tolerance):
+            _restore(self.best, self.params, self.layers)
+            self.lr_scale *= 0.5
+            self._set_lr()
+            if self.st is not None:
+                self.st.reset()
+            self.stats.rollbacks += 1
+            rec["rolled_back"] = True
+            kl = self.best_kl
+        elif kl < self.best_kl:
+            self.best_kl, self.best = kl, _snapshot(self.params, self.layers)
+        if self.st is not None:
+            changes = self.st.v_step()
+            n = sum(int(c.flat_idx.numel()) for c in changes)
+            if n:
+                kl_v = self.held_out(self.student)
+                rec.update(v_groups=n, val_kl_after_v=kl_v)
+                if kl_v <= kl:
+                    self.stats.v_kept += 1
+                    self.stats.codes_changed += n
+                    if kl_v < self.best_kl:
+                        self.best_kl, self.best = kl_v, _snapshot(self.params, self.layers)
+                else:
+                    self.st.undo(changes)
+                    self.stats.v_undone += 1
+                    rec["v_undone"] = True
+        self.stats.history.append(rec)
+
+    def finish(self) -> None:
+        """Keep-best: leave the best held-out state in the student."""
+        _restore(self.best, self.params, self.layers)
+        self.stats.kl_after = self.best_kl

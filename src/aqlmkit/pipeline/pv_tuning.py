@@ -1,84 +1,217 @@
 """PV-tuning's V-step (Malinovskii et al. 2024, arXiv 2405.14852) for AQLM layers.
 
-The P-step (Adam on codebooks/scales/norms) cannot move codes. The V-step linearizes the loss
-around the current dequantized weight W: minimizing <g, W'-W> + ||W'-W||²/(2η) over representable
-W' is the projection of the target T = W - ηg onto the code set. We solve it by greedy coordinate
-search over the K codebooks (one codebook at a time, the others fixed) and keep only the
-``max_change`` fraction of groups whose objective improves most: the paper's small-subspace
-update, which keeps each step inside the region where the linearization holds.
+The P-step (Adam on codebooks, scales, norms) cannot move codes. For the codes we keep, per
+quantized weight, a dense straight-through copy W̃ (initialized to the dequantized weight Ŵ).
+Every training step adds to W̃ an Adam step along dL/dŴ, normalized as in LAMB so that
+||ΔW̃|| = ``code_lr``·||W̃||: the copy collects the gradient's evidence over many steps while the
+model keeps running on its codes. A V-step then re-encodes only the ``max_change`` fraction of code
+groups whose copy moved furthest from Ŵ, by beam search in weight space (the AQ code search with
+an identity Hessian), and keeps the changes, most deviating first, only while the total change
+stays within ``trust_ratio``·||Ŵ||. Both limits keep each update inside the region where the
+gradient is informative, which is what stops the divergence a full re-encoding causes.
+
+Whether a V-step is kept is decided by the caller on held-out KL (see ``finetune_global``):
+:meth:`StraightThrough.v_step` returns what it changed so it can be undone with :meth:`undo`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aqlmkit.config import PVConfig, Scheme
+from aqlmkit.engine.code_search import beam_search_codes
+from aqlmkit.engine.layout import from_units, to_units
+from aqlmkit.kernels import reference
 from aqlmkit.kernels.reference import unsigned_codes
 from aqlmkit.nn import QuantizedLinear
 from aqlmkit.nn.linear import pack_codes
 
 
-@dataclass
-class VStepConfig:
-    lr: float = 0.3          # step in units of rms(W) along g/rms(g)
-    max_change: float = 0.05  # fraction of code groups that may change per V-step
-    every: int = 10          # P-steps between V-steps
-
-
 @contextlib.contextmanager
-def dense_weights(model: nn.Module):
-    """Make each QuantizedLinear run on a dense leaf W (requires_grad) so backward yields dL/dW."""
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+def straight_through_forward(layers: list[QuantizedLinear]):
+    """Run each layer on a dense Ŵ built with autograd, keeping Ŵ so backward yields dL/dŴ.
+
+    Gradients still reach codebooks and scales (the P-step) through the differentiable
+    dequantization; ``layer._st_weight.grad`` is the straight-through gradient for the V-step.
+    """
+    def make(mod: QuantizedLinear):
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = reference.dequantize(mod.codes, mod.codebooks, mod.scales)
+            if torch.is_grad_enabled():
+                if w.requires_grad:
+                    w.retain_grad()
+                else:  # codebooks and scales frozen: Ŵ is a leaf of its own
+                    w = w.detach().requires_grad_(True)
+                mod._st_weight = w
+            return F.linear(x, w.to(x.dtype), None if mod.bias is None else mod.bias.to(x.dtype))
+        return forward
+
     for m in layers:
-        m._dense = m.dequantize().detach().float().requires_grad_(True)
-        m.forward = (lambda mod: lambda x: F.linear(x, mod._dense.to(x.dtype),
-                                                    None if mod.bias is None else mod.bias.to(x.dtype)))(m)
+        m.forward = make(m)
     try:
         yield layers
     finally:
         for m in layers:
             del m.forward
-            m._dense = None
+            m._st_weight = None
 
 
-def _units(t: torch.Tensor, og: int, g: int) -> torch.Tensor:
-    """[out, in] -> [out/og, in/g, og*g] matching codes' layout."""
-    o, i = t.shape
-    return t.reshape(o // og, og, i // g, g).permute(0, 2, 1, 3).reshape(o // og, i // g, og * g)
+@dataclass
+class VChange:
+    """What one V-step changed in one layer (enough to undo it)."""
+
+    layer: QuantizedLinear
+    flat_idx: torch.Tensor     # changed code groups (flat index over [U, J])
+    old_codes: torch.Tensor    # their previous codes [n, K] (stored dtype)
 
 
-@torch.no_grad()
-def v_step_layer(layer: QuantizedLinear, grad: torch.Tensor, cfg: VStepConfig) -> int:
-    """Update ``layer.codes`` in place; returns the number of code groups changed."""
-    k_books, size, og, g = layer.codebooks.shape
+class StraightThrough:
+    """Straight-through copies W̃ of every quantized weight, their Adam state, and the V-step."""
+
+    def __init__(self, layers: list[QuantizedLinear], cfg: PVConfig) -> None:
+        if not 0 < cfg.max_change <= 1:
+            from aqlmkit.errors import AqlmkitError
+
+            raise AqlmkitError(f"PV max_change={cfg.max_change} must be in (0, 1]: a V-step that may "
+                               "change no code group does nothing; use --no-pv for P-only tuning")
+        self.layers, self.cfg = layers, cfg
+        self.buffers = [m.dequantize().detach().float().clone() for m in layers]
+        self.sq = [torch.zeros_like(b) for b in self.buffers]
+        self.steps = 0
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """One Adam (beta1 = 0) step of every W̃ along the last backward's dL/dŴ, LAMB-normalized."""
+        self.steps += 1
+        b2 = self.cfg.beta2
+        for m, buf, sq in zip(self.layers, self.buffers, self.sq):
+            w = getattr(m, "_st_weight", None)
+            if w is None or w.grad is None:
+                continue
+            g = w.grad.float()
+            sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+            u = g / (sq / (1 - b2 ** self.steps)).sqrt().add_(1e-12)
+            buf.add_(u, alpha=-self.cfg.code_lr * float(buf.norm()) / max(float(u.norm()), 1e-30))
+            w.grad = None
+
+    @torch.no_grad()
+    def v_step(self) -> list[VChange]:
+        """Re-encode the most-moved groups of every layer toward W̃; returns the changes made."""
+        changes = []
+        for m, buf in zip(self.layers, self.buffers):
+            ch = _v_step_layer(m, buf, self.cfg)
+            if ch is not None:
+                changes.append(ch)
+        return changes
+
+    @torch.no_grad()
+    def undo(self, changes: list[VChange]) -> None:
+        """Restore the codes a V-step changed and pull those groups' W̃ back to Ŵ.
+
+        Resetting W̃ there (not keeping the deviation) stops the next V-step from proposing the
+        same rejected change again; the evidence for them starts over.
+        """
+        index = {id(m): i for i, m in enumerate(self.layers)}
+        for ch in changes:
+            m = ch.layer
+            _set_codes(m, ch.flat_idx, ch.old_codes)
+            i = index[id(m)]
+            self.buffers[i].copy_(_reset_groups(self.buffers[i], m, ch.flat_idx))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Pull every W̃ back to its Ŵ (after a rollback restored older weights)."""
+        for m, buf in zip(self.layers, self.buffers):
+            buf.copy_(m.dequantize().float())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, (b, s) in enumerate(zip(self.buffers, self.sq)):
+            out[f"st.{i}.buffer"], out[f"st.{i}.sq"] = b, s
+        return out
+
+    def load_state(self, tensors: dict[str, torch.Tensor], steps: int) -> None:
+        for i in range(len(self.buffers)):
+            self.buffers[i].copy_(tensors[f"st.{i}.buffer"])
+            self.sq[i].copy_(tensors[f"st.{i}.sq"])
+        self.steps = steps
+
+
+def _group_sq_norms(delta: torch.Tensor, scheme: Scheme) -> torch.Tensor:
+    """[out, in] -> squared norm of each code group, flat over [U, J]."""
+    return to_units(delta, scheme).pow(2).sum(-1).reshape(-1)
+
+
+def _set_codes(m: QuantizedLinear, flat_idx: torch.Tensor, values: torch.Tensor) -> None:
+    """Write codes of the given groups in place; drop the layer's kernel cache (codes changed)."""
+    k = m.codes.shape[-1]
+    with torch.no_grad():  # on the Parameter itself, so its version counter moves too
+        m.codes.view(-1, k)[flat_idx] = values.to(m.codes.dtype)
+    m._kernel_cache.clear()
+
+
+def _reset_groups(buf: torch.Tensor, m: QuantizedLinear, flat_idx: torch.Tensor) -> torch.Tensor:
+    w = m.dequantize().float()
+    units_b, units_w = to_units(buf, m.scheme).clone(), to_units(w, m.scheme)
+    d = units_b.shape[-1]
+    units_b.view(-1, d)[flat_idx] = units_w.reshape(-1, d)[flat_idx]
+    return from_units(units_b, m.scheme)
+
+
+def _v_step_layer(m: QuantizedLinear, buf: torch.Tensor, cfg: PVConfig) -> VChange | None:
+    scheme = m.scheme
+    w = m.dequantize().float()
+    deviation = _group_sq_norms(buf - w, scheme)
+    n_groups = deviation.numel()
+    n_pick = max(1, int(math.ceil(cfg.max_change * n_groups)))
+    cand = deviation.topk(min(n_pick, n_groups)).indices           # most-moved groups first
+    cand = cand[deviation[cand] > 0]
+    if cand.numel() == 0:
+        return None
+    k_books, size, og, g = m.codebooks.shape
     nbits = size.bit_length() - 1
-    w = layer.dequantize().float()
-    step = cfg.lr * w.pow(2).mean().sqrt() / grad.pow(2).mean().sqrt().clamp_min(1e-30)
-    scales = layer.scales.float().reshape(-1, 1, 1)
-    target = _units(w - step * grad.float(), og, g) / scales           # [U, J, D] in codebook units
-    books = layer.codebooks.float().reshape(k_books, size, og * g)
-    codes = unsigned_codes(layer.codes, nbits)                        # [U, J, K]
-    new = codes.clone()
-    recon = sum(books[k][new[..., k]] for k in range(k_books))
-    for k in range(k_books):
-        resid = target - (recon - books[k][new[..., k]])
-        dist = -2 * resid @ books[k].T + books[k].pow(2).sum(-1)       # ||r - c||² - ||r||²
-        new[..., k] = dist.argmin(-1)
-        recon = (target - resid) + books[k][new[..., k]]              # others + new codeword
-    old_recon = sum(books[k][codes[..., k]] for k in range(k_books))
-    sc2 = scales.pow(2)
-    gain = ((target - old_recon).pow(2).sum(-1) - (target - recon).pow(2).sum(-1)) * sc2[..., 0]
-    n_allowed = int(cfg.max_change * gain.numel())
-    if n_allowed < 1:
-        return 0
-    flat = gain.flatten()
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    top = flat.topk(n_allowed).indices
-    keep[top[flat[top] > 0]] = True
-    keep = keep.view_as(gain)
-    final = torch.where(keep[..., None], new, codes)
-    layer.codes.data = pack_codes(final, nbits).to(layer.codes.device)
-    return int(keep.sum())
+    d = og * g
+    books = m.codebooks.detach().float().reshape(k_books, size, d)
+    n_j = m.codes.shape[1]
+    scales = m.scales.detach().float().reshape(-1)[cand // n_j]     # [n]
+    target = to_units(buf, scheme).reshape(-1, 1, d)[cand]          # [n, 1, D]
+    old = unsigned_codes(m.codes.detach().reshape(-1, k_books)[cand], nbits)  # [n, K]
+    eye_g = torch.eye(g, dtype=books.dtype, device=books.device)
+    eye_d = torch.eye(d, dtype=books.dtype, device=books.device).unsqueeze(0)
+    group_scheme = Scheme(k_books, nbits, g, og)
+    new = beam_search_codes(target, eye_g, eye_d, old.unsqueeze(1), books, scales, group_scheme,
+                            beam=cfg.beam_size).squeeze(1)          # [n, K]
+    moved = (new != old).any(-1)
+    if not bool(moved.any()):
+        return None
+    # Size of each accepted change: ||ΔŴ|| per group, accumulated in priority order.
+    delta = (_decode_rows(books, new) - _decode_rows(books, old)) * scales[:, None]
+    change = delta.pow(2).sum(-1) * moved
+    if cfg.trust_ratio is not None:
+        budget = (cfg.trust_ratio * float(w.norm())) ** 2
+        cum = change.cumsum(0)
+        keep_n = int((cum <= budget).sum()) + 1                     # one change past it is allowed
+        moved[keep_n:] = False
+    idx = cand[moved]
+    if idx.numel() == 0:
+        return None
+    old_stored = m.codes.detach().reshape(-1, k_books)[idx].clone()
+    _set_codes(m, idx, pack_codes(new[moved], nbits))
+    return VChange(m, idx, old_stored)
+
+
+def _decode_rows(books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Σ_k books[k][codes[:, k]] for codes [n, K] -> [n, D]."""
+    out = books[0].index_select(0, codes[:, 0])
+    for k in range(1, books.shape[0]):
+        out = out + books[k].index_select(0, codes[:, k])
+    return out
+
+
+def quantized_layers(model: nn.Module) -> list[QuantizedLinear]:
+    return [m for m in model.modules() if isinstance(m, QuantizedLinear)]
