@@ -139,3 +139,12 @@ def test_hub_dataset_unavailable(monkeypatch, tmp_path):
                         hub.HubSpec("json", None, {"eval": "test"}, data_files=gone))
     with pytest.raises(AqlmkitError, match="'ptb' .* is unavailable"):
         load_corpus("ptb", "eval")
+
+
+def test_cli_eval_on_ood(tiny_llama_dir, capsys):
+    from aqlmkit.cli import main
+
+    rc = main(["eval", "--model", str(tiny_llama_dir), "--dataset", "ood", "--seqlen", "64",
+               "--limit-tokens", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "dataset: ood" in out and "PPL:" in out
