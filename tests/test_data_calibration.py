@@ -113,3 +113,13 @@ def test_bad_calibration_inputs(tiny_tokenizer, cache):
         calibration_batches(tiny_tokenizer, "novels", nsamples=2, seqlen=64, seed=0)
     with pytest.raises(AqlmkitError, match="no text"):
         calibration_batches(tiny_tokenizer, ["  "], nsamples=2, seqlen=64, seed=0)
+
+
+def test_tokenize_prefix_matches_whole_text(tiny_tokenizer):
+    from aqlmkit.data.calibration import tokenize_docs
+
+    docs = load_corpus("default", "eval")[:60]
+    whole = tokenize_docs(tiny_tokenizer, docs)
+    for limit in (1, 700, 5000):
+        assert torch.equal(tokenize_docs(tiny_tokenizer, docs, limit_tokens=limit), whole[:limit])
+    assert torch.equal(tokenize_docs(tiny_tokenizer, docs, limit_tokens=10**9), whole)
