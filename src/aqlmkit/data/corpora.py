@@ -11,7 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from aqlmkit.data.builtin import BUILTIN, DEFAULT_MIX, EVAL_FRACTION, Doc
+from aqlmkit.data.builtin import DEFAULT_MIX, OOD_SOURCE, SOURCES, Doc, chunks
 from aqlmkit.data.hub import HUB_DATASETS, hub_docs
 from aqlmkit.errors import AqlmkitError
 
@@ -68,24 +68,58 @@ def _file_docs(path: Path) -> list[Doc]:
 
 @functools.lru_cache(maxsize=8)
 def _source_docs(name: str) -> tuple[Doc, ...]:
-    return tuple(BUILTIN[name]())
+    return tuple(SOURCES[name].load())
 
 
-def _builtin_split(name: str, split: str) -> list[Doc]:
-    """A built-in corpus's split; ``default`` mixes the sources' own splits, interleaved."""
-    parts = DEFAULT_MIX if name == "default" else (name,)
-    docs = [d for p in parts for d in split_docs(list(_source_docs(p)), split, EVAL_FRACTION[p])]
+@functools.lru_cache(maxsize=16)
+def source_split(name: str, split: str) -> tuple[str, ...]:
+    """Texts of one built-in source's split: units split by hash, then cut into pieces."""
+    src = SOURCES[name]
+    units = split_docs(list(_source_docs(name)), split, src.eval_fraction)
+    if src.piece_chars is None:
+        return tuple(t for _, t in units)
+    return tuple(p for _, t in units for p in chunks(t, src.piece_chars))
+
+
+def _round_robin(parts: list[tuple[str, ...]]) -> list[str]:
+    """One piece of each source in turn, so every prefix of a mix is balanced by genre."""
+    out = []
+    for i in range(max(map(len, parts))):
+        out += [p[i] for p in parts if i < len(p)]
+    return out
+
+
+def mix_parts(name: str) -> dict[str, float]:
+    """The built-in sources behind ``name`` with their share of calibration windows."""
     if name == "default":
-        docs.sort(key=lambda d: doc_hash("mix:" + d[0]))
-    return docs
+        return dict(DEFAULT_MIX)
+    if name == "ood":
+        return {OOD_SOURCE: 1.0}
+    return {name: 1.0}
+
+
+def _builtin_split(name: str, split: str) -> list[str]:
+    """A built-in corpus's split; ``default`` interleaves its sources' own splits."""
+    if name == "ood" and split != "eval":
+        raise AqlmkitError(f"the 'ood' corpus is evaluation text only (split 'eval'; asked for "
+                           f"{split!r}): it is the eval half of {OOD_SOURCE!r}, kept out of every "
+                           "calibration default. Calibrate on 'default' or another corpus")
+    return _round_robin([source_split(p, split) for p in mix_parts(name)])
 
 
 def corpus_names() -> list[str]:
-    return ["default", *BUILTIN, *HUB_DATASETS]
+    return ["default", "ood", *SOURCES, *HUB_DATASETS]
+
+
+def is_builtin(name: str) -> bool:
+    return name in ("default", "ood") or name in SOURCES
 
 
 def load_corpus(name: str, split: str = "eval") -> list[str]:
-    """Documents of corpus ``name`` for ``split`` (calib, eval, or all); never empty."""
+    """Documents of corpus ``name`` for ``split`` (calib, eval, or all); never empty.
+
+    ``ood`` has only an eval split: the out-of-domain text no calibration default uses.
+    """
     if split not in SPLITS:
         raise AqlmkitError(f"unknown split {split!r}; use calib or eval")
     name = str(name)
@@ -94,8 +128,8 @@ def load_corpus(name: str, split: str = "eval") -> list[str]:
             texts = hub_docs(name, "calib") + hub_docs(name, "eval")
         else:
             texts = hub_docs(name, split)
-    elif name == "default" or name in BUILTIN:
-        texts = [t for _, t in _builtin_split(name, split)]
+    elif is_builtin(name):
+        texts = _builtin_split(name, split)
     elif name.lower().endswith((".txt", ".jsonl")) or Path(name).exists():
         texts = [t for _, t in split_docs(_file_docs(Path(name).expanduser()), split)]
     else:
@@ -106,3 +140,12 @@ def load_corpus(name: str, split: str = "eval") -> list[str]:
         raise AqlmkitError(f"corpus {name!r} has no text in its {split!r} split; give it more "
                            "documents (paragraphs separated by blank lines, or jsonl rows)")
     return texts
+
+
+def calibration_sources(name: str) -> list[tuple[str, float, list[str]]]:
+    """``(label, share of windows, calib texts)`` for each source behind corpus ``name``."""
+    name = str(name)
+    if is_builtin(name):
+        _builtin_split(name, "calib")  # 'ood' refuses here, with its one-line reason
+        return [(p, w, list(source_split(p, "calib"))) for p, w in mix_parts(name).items()]
+    return [(name, 1.0, load_corpus(name, "calib"))]

@@ -48,7 +48,8 @@ def hub_docs(name: str, split: str) -> list[str]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise AqlmkitError(f"corpus {name!r} ({spec.path}) is unavailable: {first}; it needs the "
                            "Hugging Face hub or a local HF datasets cache. Offline, use a "
-                           "built-in corpus (default, pydoc, kjv) or a .txt/.jsonl file") from e
+                           "built-in corpus (default, ood, pydoc, kjv, sotu, factbook) or a "
+                           ".txt/.jsonl file") from e
     if spec.text_field not in ds.column_names:
         raise AqlmkitError(f"corpus {name!r} has no {spec.text_field!r} column "
                            f"(columns: {ds.column_names})")
