@@ -33,7 +33,7 @@ from aqlmkit.formats.loading import load_model
 from aqlmkit.pipeline.finetune_global import evaluate_kl, finetune_global
 from aqlmkit.pipeline.quantize import calibration_ids, quantize_model
 from aqlmkit.pipeline.report import bits_summary
-from aqlmkit.utils import cache_dir
+from aqlmkit.utils import atomic_save_json, cache_dir
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,10 +130,18 @@ def main() -> None:
         model.model.layers = model.model.layers[:2]
         model.config.num_hidden_layers = 2
     score = Scorer(model, tok, a)
+    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
+    tag = dev.replace(" ", "_") if dev != "cpu" else "cpu"
+    stem = Path(a.out) / f"{dt.date.today().isoformat()}_{tag}_{recipe.name}_quality{a.tag}{'_smoke' * a.smoke}"
     rows = [{"method": "fp32", "scheme": "fp32", "bits": 16.0, **score(model, with_kl=False), "seconds": 0.0}]
+    data = {"model": a.model, "date": dt.datetime.now().isoformat(timespec="seconds"), "device": dev,
+            "threads": torch.get_num_threads(), "smoke": a.smoke, "eval_tokens": a.eval_tokens,
+            "eval_seqlen": a.eval_seqlen, "ood_dataset": a.ood_dataset, "recipe": recipe.to_dict(),
+            "load_average": os.getloadavg(), "complete": False, "rows": rows}
     ids = calibration_ids(tok, recipe.calibration)
     for name in a.schemes.split(","):
         rows += aqlm_rows(name, model, tok, recipe, ids, score, a)
+        atomic_save_json(f"{stem}.json", data)  # partial results survive a run cut short
     for gs in ([] if a.no_baselines else [int(g) for g in a.group_sizes.split(",")]):
         for bits in [int(b) for b in a.bits.split(",")]:
             for method, fn in (("RTN", lambda m: rtn_model(m, bits, gs)),
@@ -143,14 +151,9 @@ def main() -> None:
                 rows.append({"method": method, "scheme": f"int{bits}g{gs}", "bits": baseline_bits(bits, gs),
                              **score(m, with_kl=False), "seconds": round(time.time() - t, 1)})
                 print(rows[-1], flush=True)
+                atomic_save_json(f"{stem}.json", data)
                 del m
-    dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu"
-    data = {"model": a.model, "date": dt.datetime.now().isoformat(timespec="seconds"), "device": dev,
-            "threads": torch.get_num_threads(), "smoke": a.smoke, "eval_tokens": a.eval_tokens,
-            "eval_seqlen": a.eval_seqlen, "recipe": recipe.to_dict(), "load_average": os.getloadavg(),
-            "rows": rows}
-    tag = dev.replace(" ", "_") if dev != "cpu" else "cpu"
-    stem = Path(a.out) / f"{dt.date.today().isoformat()}_{tag}_{recipe.name}_quality{a.tag}{'_smoke' * a.smoke}"
+    data.update(complete=True, load_average_end=os.getloadavg())
     save_report(stem, data, plot=lambda fig: _plot(fig, rows))
     for r in rows:
         print(f"{r['method']:<5} {r['scheme']:<10} {r.get('stage', ''):<14} {r['bits']:6.3f} bits  "

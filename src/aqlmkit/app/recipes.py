@@ -83,7 +83,7 @@ def _standard() -> dict:
     return {
         "scheme": "2x8g8",
         "calibration": dict(nsamples=512, seqlen=2048),
-        "layer": dict(max_epochs=8, steps_per_epoch=100, init_max_iter=50, beam_size=1, lr=1e-4),
+        "layer": dict(max_epochs=4, steps_per_epoch=50, init_max_iter=25, beam_size=1, lr=1e-4),
         "finetune": dict(epochs=2, lr=1e-4),
         "global": dict(steps=64, lr=1e-4, batch_size=8, eval_every=8, checkpoint_every=16, nsamples=1024,
                        val_samples=16, seqlen=2048),

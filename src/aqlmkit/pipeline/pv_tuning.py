@@ -1,14 +1,15 @@
 """PV-tuning's V-step (Malinovskii et al. 2024, arXiv 2405.14852) for AQLM layers.
 
 The P-step (Adam on codebooks, scales, norms) cannot move codes. For the codes we keep, per
-quantized weight, a dense straight-through copy W̃ (initialized to the dequantized weight Ŵ).
-Every training step adds to W̃ an Adam step along dL/dŴ, normalized as in LAMB so that
-||ΔW̃|| = ``code_lr``·||W̃||: the copy collects the gradient's evidence over many steps while the
-model keeps running on its codes. A V-step then re-encodes only the ``max_change`` fraction of code
-groups whose copy moved furthest from Ŵ, by beam search in weight space (the AQ code search with
-an identity Hessian), and keeps the changes, most deviating first, only while the total change
-stays within ``trust_ratio``·||Ŵ||. Both limits keep each update inside the region where the
-gradient is informative, which is what stops the divergence a full re-encoding causes.
+quantized weight, a straight-through delta D: every training step adds to it an Adam step along
+dL/dŴ, normalized as in LAMB so that ||ΔD|| = ``code_lr``·||Ŵ||. The dense target the codes should
+follow is W̃ = Ŵ + D. Keeping the delta rather than an absolute copy means the P-step's own moves
+of the codebooks never look like evidence for changing codes. A V-step re-encodes only the
+``max_change`` fraction of code groups whose target moved furthest, by beam search in weight
+space (the AQ code search with an identity Hessian), keeps the changes, most deviating first,
+only while the total change stays within ``trust_ratio``·||Ŵ||, and removes the realized part of
+the move from D. Both limits keep each update inside the region where the gradient is
+informative, which is what stops the divergence a full re-encoding causes.
 
 Whether a V-step is kept is decided by the caller on held-out KL (see ``finetune_global``):
 :meth:`StraightThrough.v_step` returns what it changed so it can be undone with :meth:`undo`.
@@ -71,7 +72,7 @@ class VChange:
 
 
 class StraightThrough:
-    """Straight-through copies W̃ of every quantized weight, their Adam state, and the V-step."""
+    """Straight-through deltas D of every quantized weight, their Adam state, and the V-step."""
 
     def __init__(self, layers: list[QuantizedLinear], cfg: PVConfig) -> None:
         if not 0 < cfg.max_change <= 1:
@@ -80,13 +81,13 @@ class StraightThrough:
             raise AqlmkitError(f"PV max_change={cfg.max_change} must be in (0, 1]: a V-step that may "
                                "change no code group does nothing; use --no-pv for P-only tuning")
         self.layers, self.cfg = layers, cfg
-        self.buffers = [m.dequantize().detach().float().clone() for m in layers]
+        self.buffers = [torch.zeros(m.out_features, m.in_features, device=m.codes.device) for m in layers]
         self.sq = [torch.zeros_like(b) for b in self.buffers]
         self.steps = 0
 
     @torch.no_grad()
     def accumulate(self) -> None:
-        """One Adam (beta1 = 0) step of every W̃ along the last backward's dL/dŴ, LAMB-normalized."""
+        """One Adam (beta1 = 0) step of every D along the last backward's dL/dŴ, LAMB-normalized."""
         self.steps += 1
         b2 = self.cfg.beta2
         for m, buf, sq in zip(self.layers, self.buffers, self.sq):
@@ -96,7 +97,8 @@ class StraightThrough:
             g = w.grad.float()
             sq.mul_(b2).addcmul_(g, g, value=1 - b2)
             u = g / (sq / (1 - b2 ** self.steps)).sqrt().add_(1e-12)
-            buf.add_(u, alpha=-self.cfg.code_lr * float(buf.norm()) / max(float(u.norm()), 1e-30))
+            scale = self.cfg.code_lr * float(w.detach().norm()) / max(float(u.norm()), 1e-30)
+            buf.add_(u, alpha=-scale)
             w.grad = None
 
     @torch.no_grad()
@@ -111,23 +113,22 @@ class StraightThrough:
 
     @torch.no_grad()
     def undo(self, changes: list[VChange]) -> None:
-        """Restore the codes a V-step changed and pull those groups' W̃ back to Ŵ.
+        """Restore the codes a V-step changed and clear those groups' D.
 
-        Resetting W̃ there (not keeping the deviation) stops the next V-step from proposing the
+        Clearing D there (not keeping the deviation) stops the next V-step from proposing the
         same rejected change again; the evidence for them starts over.
         """
         index = {id(m): i for i, m in enumerate(self.layers)}
         for ch in changes:
             m = ch.layer
             _set_codes(m, ch.flat_idx, ch.old_codes)
-            i = index[id(m)]
-            self.buffers[i].copy_(_reset_groups(self.buffers[i], m, ch.flat_idx))
+            _clear_groups(self.buffers[index[id(m)]], m.scheme, ch.flat_idx)
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Pull every W̃ back to its Ŵ (after a rollback restored older weights)."""
-        for m, buf in zip(self.layers, self.buffers):
-            buf.copy_(m.dequantize().float())
+        """Clear every D (after a rollback restored older weights)."""
+        for buf in self.buffers:
+            buf.zero_()
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -155,18 +156,25 @@ def _set_codes(m: QuantizedLinear, flat_idx: torch.Tensor, values: torch.Tensor)
     m._kernel_cache.clear()
 
 
-def _reset_groups(buf: torch.Tensor, m: QuantizedLinear, flat_idx: torch.Tensor) -> torch.Tensor:
-    w = m.dequantize().float()
-    units_b, units_w = to_units(buf, m.scheme).clone(), to_units(w, m.scheme)
-    d = units_b.shape[-1]
-    units_b.view(-1, d)[flat_idx] = units_w.reshape(-1, d)[flat_idx]
-    return from_units(units_b, m.scheme)
+def _clear_groups(buf: torch.Tensor, scheme: Scheme, flat_idx: torch.Tensor) -> None:
+    units = to_units(buf, scheme)
+    d = units.shape[-1]
+    units = units.reshape(-1, d)
+    units[flat_idx] = 0
+    buf.copy_(from_units(units.view(buf.shape[0] // scheme.out_group_size, -1, d), scheme))
+
+
+def _subtract_groups(buf: torch.Tensor, scheme: Scheme, flat_idx: torch.Tensor, delta: torch.Tensor) -> None:
+    """D[g] -= ΔŴ[g] for the changed groups: the part of the move the codes now realize."""
+    units = to_units(buf, scheme).reshape(-1, delta.shape[-1])
+    units[flat_idx] -= delta
+    buf.copy_(from_units(units.view(buf.shape[0] // scheme.out_group_size, -1, delta.shape[-1]), scheme))
 
 
 def _v_step_layer(m: QuantizedLinear, buf: torch.Tensor, cfg: PVConfig) -> VChange | None:
     scheme = m.scheme
     w = m.dequantize().float()
-    deviation = _group_sq_norms(buf - w, scheme)
+    deviation = _group_sq_norms(buf, scheme)
     n_groups = deviation.numel()
     n_pick = max(1, int(math.ceil(cfg.max_change * n_groups)))
     cand = deviation.topk(min(n_pick, n_groups)).indices           # most-moved groups first
@@ -179,7 +187,7 @@ def _v_step_layer(m: QuantizedLinear, buf: torch.Tensor, cfg: PVConfig) -> VChan
     books = m.codebooks.detach().float().reshape(k_books, size, d)
     n_j = m.codes.shape[1]
     scales = m.scales.detach().float().reshape(-1)[cand // n_j]     # [n]
-    target = to_units(buf, scheme).reshape(-1, 1, d)[cand]          # [n, 1, D]
+    target = to_units(w + buf, scheme).reshape(-1, 1, d)[cand]      # W̃ = Ŵ + D, [n, 1, D]
     old = unsigned_codes(m.codes.detach().reshape(-1, k_books)[cand], nbits)  # [n, K]
     eye_g = torch.eye(g, dtype=books.dtype, device=books.device)
     eye_d = torch.eye(d, dtype=books.dtype, device=books.device).unsqueeze(0)
@@ -202,6 +210,7 @@ def _v_step_layer(m: QuantizedLinear, buf: torch.Tensor, cfg: PVConfig) -> VChan
         return None
     old_stored = m.codes.detach().reshape(-1, k_books)[idx].clone()
     _set_codes(m, idx, pack_codes(new[moved], nbits))
+    _subtract_groups(buf, scheme, idx, delta[moved])
     return VChange(m, idx, old_stored)
 
 
