@@ -52,6 +52,7 @@ def main() -> None:
         print(rows[-1])
     out = {"benchmark": "calib_data_speed", "date": dt.datetime.now(dt.timezone.utc).isoformat(),
            "host": platform.node(), "cpus": os.cpu_count(), "tokenizer": type(tok).__name__,
+           "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # the machine is shared
            "corpus_load_s_first": round(load_s, 3), "runs": rows}
     if args.baseline:
         docs = load_corpus("default", "calib")

@@ -110,12 +110,16 @@ class TokenStream:
         self._encode(list(range(len(self.texts))))
         return sum(len(p) for p in self.pieces.values())
 
+    def _piece_at(self, start: float) -> int:
+        # min(): a draw of rng.random() * total can round up to the total itself.
+        return min(int(np.searchsorted(self.char_ends, start, side="right")), len(self.texts) - 1)
+
     def _plan(self, starts: np.ndarray, seqlen: int) -> None:
         """Tokenize, in one batch, the pieces each window will probably need."""
         n, need = len(self.texts), seqlen * CHARS_PER_TOKEN
         want = []
         for s in starts.tolist():
-            i = int(np.searchsorted(self.char_ends, s, side="right"))
+            i = self._piece_at(s)
             covered = self.char_ends[i] - s
             want.append(i)
             for step in range(1, n):
@@ -128,10 +132,9 @@ class TokenStream:
 
     def _window(self, start: float, seqlen: int) -> np.ndarray:
         """``seqlen`` tokens from the char position ``start`` mapped into its piece's tokens."""
-        n = len(self.texts)
-        i = int(np.searchsorted(self.char_ends, start, side="right"))
+        n, i = len(self.texts), self._piece_at(start)
         begin = self.char_ends[i - 1] if i else 0.0
-        frac = (start - begin) / (self.char_ends[i] - begin)
+        frac = min((start - begin) / (self.char_ends[i] - begin), 1.0 - 1e-12)
         self._encode([i])
         first = self.pieces[i]
         cut = int(frac * len(first))
