@@ -46,6 +46,8 @@ def load_config_file(path: str | None) -> dict:
     except json.JSONDecodeError as e:
         raise AqlmkitError(f"config file {path} is not valid JSON: {e}") from None
     allowed = {"scheme", "calibration", "layer", "finetune", "eval"}
+    if not isinstance(data, dict) or not all(isinstance(data[k], dict) for k in set(data) & (allowed - {"scheme"})):
+        raise AqlmkitError(f"config file {path} must be a JSON object of objects, e.g. {{\"layer\": {{...}}}}")
     bad = sorted(set(data) - allowed)
     if bad:
         raise AqlmkitError(f"config file {path}: unknown section(s) {bad}; allowed: {sorted(allowed)}")
@@ -82,13 +84,15 @@ def default_work_dir(output: str | Path) -> Path:
 
 
 def run_job(model_spec: str, output: str | Path, job: JobConfig, work_dir: str | Path | None,
-            fresh: bool = False, dtype: str = "auto", evaluate: bool = True) -> list[dict]:
+            fresh: bool = False, dtype: str = "auto", evaluate: bool = True, overwrite: bool = False) -> list[dict]:
     """Quantize ``model_spec`` into ``output`` (AQLM HF format); returns the table rows."""
-    from aqlmkit.formats.aqlm_hf import save_quantized
+    from aqlmkit.formats.aqlm_hf import check_output_dir, save_quantized
     from aqlmkit.formats.loading import load_model
     from aqlmkit.pipeline.quantize import quantize_model
     from aqlmkit.pipeline.report import bits_summary
 
+    wd = Path(work_dir) if work_dir else default_work_dir(output)
+    check_output_dir(output, overwrite=overwrite, sources=[model_spec, wd])  # before any work
     model, tok = load_model(model_spec, device=job.calib.device, dtype=dtype)
     rows, ppl_fp = [], None
     if evaluate:
@@ -98,15 +102,17 @@ def run_job(model_spec: str, output: str | Path, job: JobConfig, work_dir: str |
                      "avg_bits": 16.0, "ppl": ppl_fp, "seconds": round(time.time() - t, 1)})
     fp_model = copy.deepcopy(model) if job.baselines else None
     t = time.time()
-    wd = Path(work_dir) if work_dir else default_work_dir(output)
     model = quantize_model(model, tok, job.scheme, job.calib, job.layer, job.finetune, wd, resume=not fresh)
     seconds = time.time() - t
     bits = bits_summary(model)
     save_quantized(model, tok, output, job.scheme, skip=job.calib.skip,
-                   card={"calibration": f"{job.calib.dataset} {job.calib.nsamples}x{job.calib.seqlen}"})
+                   card={"calibration": f"{job.calib.dataset} {job.calib.nsamples}x{job.calib.seqlen}"},
+                   overwrite=overwrite)
     report = wd / "quantize_report.json"
     if report.exists():
-        (Path(output) / "quantize_report.json").write_bytes(report.read_bytes())
+        from aqlmkit.utils import atomic_copy
+
+        atomic_copy(report, Path(output) / "quantize_report.json")
     row = {"method": "AQLM", "scheme": job.scheme.name, "avg_bits": bits["avg_bits_quantized"],
            "model_bits": bits["avg_bits_model"], "ppl": _ppl(model, tok, job) if evaluate else None,
            "seconds": round(seconds, 1)}

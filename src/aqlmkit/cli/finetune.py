@@ -1,7 +1,7 @@
 """`aqlmkit finetune`: distil an AQLM checkpoint from its fp teacher (P-steps + PV-tuning V-steps)."""
 from __future__ import annotations
 
-from aqlmkit.cli._common import add_model_args
+from aqlmkit.cli._common import add_model_args, add_overwrite_arg
 
 
 def register(sub) -> None:
@@ -11,6 +11,7 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--teacher", default="default", help="fp teacher (default: the embedded model)")
     p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
+    add_overwrite_arg(p)
     p.add_argument("--dataset", default="default", help="training corpus (calibration split)")
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
@@ -29,12 +30,13 @@ def run(args) -> int:
     from aqlmkit.config import FinetuneConfig
     from aqlmkit.data.calibration import calibration_batches
     from aqlmkit.errors import AqlmkitError
-    from aqlmkit.formats.aqlm_hf import save_quantized
+    from aqlmkit.formats.aqlm_hf import check_output_dir, save_quantized
     from aqlmkit.formats.loading import load_model
     from aqlmkit.nn import QuantizedLinear
     from aqlmkit.pipeline.finetune_global import finetune_global
     from aqlmkit.pipeline.pv_tuning import VStepConfig
 
+    check_output_dir(args.output, overwrite=args.overwrite, sources=[args.model, args.teacher])
     student, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     layers = [m for m in student.modules() if isinstance(m, QuantizedLinear)]
     if not layers:
@@ -50,7 +52,8 @@ def run(args) -> int:
     st = finetune_global(student, teacher, ids, cfg, args.device, v_step=v)
     save_quantized(student, tok, args.output, layers[0].scheme,
                    card={"finetune": f"KL distillation{'' if v is None else ' + PV-tuning'}, "
-                                     f"{args.nsamples}x{args.seqlen} tokens, {st.steps} steps"})
+                                     f"{args.nsamples}x{args.seqlen} tokens, {st.steps} steps"},
+                   overwrite=args.overwrite)
     print(f"KL(teacher||student): {st.kl_before:.5f} -> {st.kl_after:.5f} "
           f"({st.steps} steps, {st.codes_changed} code groups changed)")
     print(f"saved {args.output}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from aqlmkit.cli._common import add_model_args
+from aqlmkit.cli._common import add_model_args, add_overwrite_arg
 from aqlmkit.config import PRESETS
 
 # flag dest -> (config section, field); only flags the user gives override the config file.
@@ -24,6 +24,7 @@ def register(sub) -> None:
                                    "cores in about 15 minutes.")
     add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
+    add_overwrite_arg(p)
     p.add_argument("--scheme", default=None,
                    help=f"KxB[gG], e.g. 2x8g8 (default) or a preset: {', '.join(PRESETS)}")
     p.add_argument("--config", help="JSON file: {scheme, calibration:{...}, layer:{...}, finetune:{...}}")
@@ -75,7 +76,7 @@ def run(args) -> int:
     job = JobConfig(scheme, calib, layer, ft, eval_dataset=args.eval_dataset,
                     eval_tokens=args.eval_tokens or None, baselines=args.baselines)
     rows = run_job(args.model, args.output, job, args.work_dir, fresh=args.fresh, dtype=args.dtype,
-                   evaluate=not args.no_eval)
+                   evaluate=not args.no_eval, overwrite=args.overwrite)
     print(format_table(rows))
     print(f"saved {args.output}")
     return 0
