@@ -129,13 +129,17 @@ def fsync_file(path: str | os.PathLike) -> None:
         os.fsync(f.fileno())
 
 
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under ``root`` (bottom-up), e.g. before it is renamed into place."""
+def seal_tree(root: Path) -> None:
+    """Before ``root`` is renamed into place: permissions from the umask (libraries such as
+    safetensors write 0600 temp files) and fsync of every file and folder, bottom-up."""
+    mask = _umask()
     for dirpath, _dirs, files in os.walk(root, topdown=False):
         for f in files:
             p = os.path.join(dirpath, f)
             if not os.path.islink(p):
+                os.chmod(p, 0o666 & ~mask)
                 fsync_file(p)
+        os.chmod(dirpath, 0o777 & ~mask)
         fsync_dir(dirpath)
 
 
@@ -151,6 +155,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield tmp
+        if not os.path.islink(tmp):
+            os.chmod(tmp, 0o666 & ~_umask())  # the writer may have replaced it with a 0600 file
         fsync_file(tmp)
         fault_point("file:before_rename")
         os.replace(tmp, path)
@@ -199,7 +205,7 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fault_point("dir:before_sync")
-        fsync_tree(tmp)
+        seal_tree(tmp)
         fault_point("dir:before_swap")
         _swap_in(tmp, out)
     finally:

@@ -37,14 +37,20 @@ def read_json_object(file: Path) -> dict:
     return raw
 
 
-def check_quantization_config(qc, file: Path) -> dict:
-    """Types of the AQLM fields (Scheme checks their ranges): integers, a list of names."""
+def check_quant_method(qc, file: Path) -> dict:
+    """An object whose quant_method is aqlm; anything else is refused, naming the file."""
     if not isinstance(qc, dict):
         raise AqlmkitError(f"{file}: quantization_config is a {type(qc).__name__}, not an object; "
                            "the checkpoint config is damaged")
     if qc.get("quant_method") != "aqlm":
         raise AqlmkitError(f"{file}: quant_method is {qc.get('quant_method')!r}, not 'aqlm'; aqlmkit loads "
                            "AQLM checkpoints and plain (unquantized) HF models only")
+    return qc
+
+
+def check_quantization_config(qc, file: Path) -> dict:
+    """Types of the AQLM fields (Scheme checks their ranges): integers, a list of names."""
+    check_quant_method(qc, file)
     for k in _INT_FIELDS:
         v = qc.get(k, 1 if k == "out_group_size" else None)
         if type(v) is not int:

@@ -55,9 +55,9 @@ def _is_aqlm(config: dict, path: Path) -> bool:
     """True for an AQLM config; a damaged or foreign quantization_config is refused here."""
     if "quantization_config" not in config:
         return False
-    from aqlmkit.formats.load import check_quantization_config
+    from aqlmkit.formats.load import check_quant_method
 
-    check_quantization_config(config["quantization_config"], path / "config.json")
+    check_quant_method(config["quantization_config"], path / "config.json")
     return True
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from aqlmkit.errors import AqlmkitError
-from aqlmkit.utils import atomic_dir, atomic_save_json, fault_point
+from aqlmkit.utils import atomic_dir, atomic_save_json, clean_leftovers, fault_point
 
 MARKER = ".aqlmkit.json"
 CHECKPOINT, DENSE = "aqlm-checkpoint", "dense-model"
@@ -77,6 +77,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, source
 def _check_existing(out: Path, overwrite: bool, kind: str) -> None:
     if out.is_symlink() or not out.is_dir():
         raise AqlmkitError(f"output {out} exists and is not a folder; choose another path")
+    clean_leftovers(out)  # temp files of a killed run of ours are not the user's
     if not any(out.iterdir()):
         return
     marker = read_marker(out)
