@@ -60,8 +60,6 @@ def build_configs(file_cfg: dict, overrides: dict[str, dict]) -> tuple[Calibrati
     for cls, quick, key in ((CalibrationConfig, QUICK_CALIB, "calibration"),
                             (LayerQuantConfig, QUICK_LAYER, "layer"), (FinetuneConfig, QUICK_FINETUNE, "finetune")):
         merged = {**quick, **file_cfg.get(key, {}), **overrides.get(key, {})}
-        if "skip" in merged:
-            merged["skip"] = tuple(merged["skip"])
         out.append(dataclass_from_dict(cls, merged))
     return tuple(out)  # type: ignore[return-value]
 
