@@ -260,6 +260,14 @@ def check_writable_file(path: str | os.PathLike, what: str = "file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise AqlmkitError(f"{what} {path} is a folder; give a file path")
+    return check_parent_writable(path, what)
+
+
+def check_parent_writable(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` can be created: its nearest existing ancestor is a folder this process may write."""
+    from aqlmkit.errors import AqlmkitError
+
+    path = Path(path)
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from aqlmkit.errors import AqlmkitError
-from aqlmkit.utils import atomic_dir, atomic_save_json, clean_leftovers, fault_point
+from aqlmkit.utils import atomic_dir, atomic_save_json, check_parent_writable, clean_leftovers, fault_point
 
 MARKER = ".aqlmkit.json"
 CHECKPOINT, DENSE = "aqlm-checkpoint", "dense-model"
@@ -70,7 +70,7 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, source
                                "saving would delete the input: choose an output folder outside it")
     if os.path.lexists(out):
         _check_existing(out, overwrite, kind)
-    _check_parent_writable(out)
+    check_parent_writable(out, "output")
     return out
 
 
@@ -94,17 +94,6 @@ def _check_existing(out: Path, overwrite: bool, kind: str) -> None:
     if foreign:
         raise AqlmkitError(f"output {out} holds files aqlmkit did not write ({', '.join(foreign[:3])}"
                            f"{' ...' if len(foreign) > 3 else ''}); move them out before --overwrite")
-
-
-def _check_parent_writable(out: Path) -> None:
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise AqlmkitError(f"cannot create output {out}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AqlmkitError(f"cannot write output {out}: {parent} is not writable (permission denied); "
-                           "choose a writable location")
 
 
 @contextlib.contextmanager
