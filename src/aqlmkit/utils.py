@@ -198,16 +198,25 @@ def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
     ``clean_leftovers`` puts it back. The old folder is deleted only after the new one is in place.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(out.parent, out.name)
-    tmp = out.parent / _temp_name(TMP_TAG, out.name)
-    tmp.mkdir(mode=0o777)  # 0777 & ~umask: the folder is as readable as any other the user makes
-    try:
+    with temp_dir(out.parent, out.name) as tmp:
         yield tmp
         fault_point("dir:before_sync")
         seal_tree(tmp)
         fault_point("dir:before_swap")
         _swap_in(tmp, out)
+
+
+@contextlib.contextmanager
+def temp_dir(parent: str | os.PathLike, name: str) -> Iterator[Path]:
+    """A scratch folder ``parent/.aqlmkit-tmp-<pid>-<name>.<random>``, removed on exit; one left by
+    a killed run is removed by the next ``temp_dir``/``atomic_dir`` for the same name."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(parent, name)
+    tmp = parent / _temp_name(TMP_TAG, name)
+    tmp.mkdir(mode=0o777)  # 0777 & ~umask: the folder is as readable as any other the user makes
+    try:
+        yield tmp
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
