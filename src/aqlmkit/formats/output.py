@@ -66,8 +66,8 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, source
     resolved = out.resolve()
     for src in _source_paths(sources):
         if _inside(resolved, src) or _inside(src, resolved):
-            raise AqlmkitError(f"output {out} and input {src} overlap (one is inside the other); "
-                               "saving would delete the input: choose an output folder outside it")
+            raise AqlmkitError(f"output {out} and {src} overlap (one is inside the other); replacing the "
+                               f"output could delete {src}: choose separate folders")
     if os.path.lexists(out):
         _check_existing(out, overwrite, kind)
     check_parent_writable(out, "output")
