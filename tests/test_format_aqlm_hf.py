@@ -61,13 +61,20 @@ def test_sharded_save_and_tied_embeddings(tmp_path, make_tiny_model, tiny_tokeni
     torch.testing.assert_close(logits(loaded, IDS), logits(model, IDS), rtol=0, atol=1e-5)
 
 
-def test_save_is_atomic_over_existing(saved, tmp_path):
+def test_save_replaces_only_aqlmkit_checkpoints(saved, tmp_path):
     model, _ = saved
     out = tmp_path / "x"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
-    save_quantized(model, None, out, "2x8g8")
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    (out / "mine.txt").write_text("old")
+    with pytest.raises(AqlmkitError, match="not written by aqlmkit"):
+        save_quantized(model, None, out, "2x8g8", overwrite=True)
+    assert (out / "mine.txt").read_text() == "old"  # a user's folder is never replaced
+    (out / "mine.txt").unlink()
+    save_quantized(model, None, out, "2x8g8")  # an empty folder is fine
+    with pytest.raises(AqlmkitError, match="--overwrite"):
+        save_quantized(model, None, out, "2x8g8")
+    save_quantized(model, None, out, "2x8g8", overwrite=True)
+    assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["x"]  # no temp folders left behind
     with pytest.raises(AqlmkitError, match="declared"):
         save_quantized(model, None, tmp_path / "y", "1x16g8")

@@ -145,8 +145,8 @@ def test_recipe_precedence_and_bad_config(tmp_path):
     assert r.scheme.name == "1x16g8" and r.pv is None and r.global_ft is not None
     std = build_recipe("standard")
     assert std.calibration.nsamples * std.calibration.seqlen >= 1_000_000 and std.pv is not None
-    for bad, match in (({"calibration": {"nsample": 7}}, "nsample"), ({"calibration": {"nsamples": "7"}}, "type"),
-                       ({"layer": {"beam_size": 0}}, "beam_size"), ({"global": {"lr": -1.0}}, "global.lr"),
+    for bad, match in (({"calibration": {"nsample": 7}}, "nsample"), ({"calibration": {"nsamples": "7"}}, "nsamples must be int"),
+                       ({"layer": {"beam_size": 0}}, "beam_size"), ({"global": {"lr": -1.0}}, "GlobalFinetuneConfig.lr"),
                        ({"pv": {"v": {"max_change": 0.0}}}, "max_change"), ({"global": None, "pv": {}}, "needs the global"),
                        ({"layer": []}, "must be an object")):
         path.write_text(json.dumps(bad))

@@ -6,6 +6,7 @@ the nn/formats layers (which store them in the AQLM Hugging Face layout) and the
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 
@@ -131,6 +132,32 @@ PRESETS: dict[str, Scheme] = {
 }
 
 
+def _check_knobs(obj, rules: dict[str, tuple]) -> None:
+    """Type and range of each knob: rules name -> (type, low, high); None bounds are open.
+
+    Called from ``__post_init__`` so a config file or flag with a wrong type, NaN or a value out
+    of range is one clear error before any work (not a crash deep in the optimiser).
+    """
+    where = type(obj).__name__
+    for name, (kind, lo, hi) in rules.items():
+        v = getattr(obj, name)
+        if v is None and kind is not bool and name in _OPTIONAL:
+            continue
+        ok = (type(v) is bool) if kind is bool else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and (kind is float or isinstance(v, int)))
+        if ok and kind is float:
+            ok = math.isfinite(v)
+        if not ok:
+            raise AqlmkitError(f"{where}.{name} must be {'a finite number' if kind is float else kind.__name__} "
+                               f"(got {v!r})")
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            raise AqlmkitError(f"{where}.{name} must be {rng} (got {v!r})")
+
+
+_OPTIONAL = {"init_max_points", "trust_ratio", "lr", "tokens"}
+
+
 @dataclass
 class LayerQuantConfig:
     """Knobs of the per-layer AQ optimisation (engine)."""
@@ -143,6 +170,12 @@ class LayerQuantConfig:
     init_max_iter: int = 100
     init_max_points: int | None = 2 ** 18
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_knobs(self, {"beam_size": (int, 1, None), "max_epochs": (int, 0, None),
+                            "relative_mse_tolerance": (float, 0, None), "steps_per_epoch": (int, 0, None),
+                            "lr": (float, 0, None), "init_max_iter": (int, 0, None),
+                            "init_max_points": (int, 1, None), "seed": (int, 0, None)})
 
 
 @dataclass
@@ -158,6 +191,16 @@ class CalibrationConfig:
     skip: tuple[str, ...] = ()
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_knobs(self, {"nsamples": (int, 1, None), "seqlen": (int, 2, None),
+                            "offload_activations": (bool, None, None), "seed": (int, 0, None)})
+        for name in ("dataset", "device", "dtype"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise AqlmkitError(f"CalibrationConfig.{name} must be a non-empty string "
+                                   f"(got {getattr(self, name)!r})")
+        if isinstance(self.skip, str) or not all(isinstance(x, str) for x in self.skip):
+            raise AqlmkitError(f"CalibrationConfig.skip must be a list of layer names (got {self.skip!r})")
+
 
 @dataclass
 class FinetuneConfig:
@@ -169,6 +212,11 @@ class FinetuneConfig:
     val_fraction: float = 0.1
     early_stop: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_knobs(self, {"epochs": (int, 0, None), "lr": (float, 0, None), "batch_size": (int, 1, None),
+                            "val_fraction": (float, 0, 0.9), "early_stop": (int, 0, None),
+                            "seed": (int, 0, None)})
 
 
 @dataclass
@@ -192,6 +240,12 @@ class GlobalFinetuneConfig:
     seqlen: int = 512
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        _check_knobs(self, {"steps": (int, 1, None), "lr": (float, 1e-12, None), "batch_size": (int, 1, None),
+                            "eval_every": (int, 1, None), "tolerance": (float, 0, None),
+                            "checkpoint_every": (int, 1, None), "nsamples": (int, 1, None),
+                            "val_samples": (int, 1, None), "seqlen": (int, 2, None), "seed": (int, 0, None)})
+
 
 @dataclass
 class PVConfig:
@@ -203,6 +257,15 @@ class PVConfig:
     trust_ratio: float | None = 1e-2  # bound on ||ΔŴ|| / ||Ŵ|| of one V-step
     beam_size: int = 1
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_change, (int, float)) and not isinstance(self.max_change, bool) \
+                and not 0 < self.max_change <= 1:
+            raise AqlmkitError(f"PVConfig.max_change={self.max_change} must be in (0, 1]: a V-step that may "
+                               "change no code group does nothing (use --no-pv for P-only tuning)")
+        _check_knobs(self, {"code_lr": (float, 1e-12, None), "beta2": (float, 0, 0.999999),
+                            "max_change": (float, 1e-12, 1), "trust_ratio": (float, 1e-12, None),
+                            "beam_size": (int, 1, None)})
+
 
 def dataclass_from_dict(cls, data: dict):
     """Build dataclass ``cls`` from ``data``, refusing unknown keys with a clear error."""
@@ -210,6 +273,8 @@ def dataclass_from_dict(cls, data: dict):
     unknown = sorted(set(data) - names)
     if unknown:
         raise AqlmkitError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(names)}")
+    if "skip" in data and isinstance(data["skip"], list):
+        data = {**data, "skip": tuple(data["skip"])}
     return cls(**data)
 
 

@@ -83,16 +83,30 @@ def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path,
     return out
 
 
+def check_data(recipe: Recipe) -> None:
+    """Fail on a bad corpus name in about a second, not after the model load and the fp eval."""
+    from aqlmkit.data.calibration import calibration_sources
+    from aqlmkit.data.corpora import load_corpus
+
+    calibration_sources(recipe.calibration.dataset)
+    for ds in (recipe.eval.dataset, recipe.eval.ood_dataset):
+        if ds is not None:
+            load_corpus(ds, "eval")
+
+
 def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str | Path | None,
-            fresh: bool = False, dtype: str = "auto", evaluate: bool = True) -> list[dict]:
+            fresh: bool = False, dtype: str = "auto", evaluate: bool = True, overwrite: bool = False) -> list[dict]:
     """Quantize ``model_spec`` into ``output`` (AQLM HF format); returns the table rows."""
-    from aqlmkit.formats.aqlm_hf import save_quantized
+    from aqlmkit.formats.aqlm_hf import check_output_dir, save_quantized
     from aqlmkit.formats.loading import load_model
     from aqlmkit.pipeline.quantize import quantize_model
     from aqlmkit.pipeline.report import bits_summary
     from aqlmkit.utils import atomic_save_json
 
     wd = Path(work_dir) if work_dir else default_work_dir(output)
+    check_output_dir(output, overwrite=overwrite, sources=[model_spec, wd])  # before any work
+    if evaluate:
+        check_data(recipe)
     model, tok = load_model(model_spec, device=recipe.calibration.device, dtype=dtype)
     rows: list[dict] = []
     if evaluate:
@@ -123,13 +137,13 @@ def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str |
             "calibration": f"{recipe.calibration.dataset} {recipe.calibration.nsamples}x{recipe.calibration.seqlen}"}
     if stats:
         card["finetune"] = ", ".join(f"{s['stage']} {s['steps']} steps" for s in stats)
-    save_quantized(model, tok, output, recipe.scheme, skip=recipe.calibration.skip, card=card)
+    save_quantized(model, tok, output, recipe.scheme, skip=recipe.calibration.skip, card=card,
+                   overwrite=overwrite)
     report = wd / "quantize_report.json"
     if report.exists():
-        from aqlmkit.utils import atomic_write
+        from aqlmkit.utils import atomic_copy
 
-        with atomic_write(Path(output) / "quantize_report.json", "wb") as f:
-            f.write(report.read_bytes())
+        atomic_copy(report, Path(output) / "quantize_report.json")
     if fp_model_for_baselines is not None:
         from aqlmkit.app.baselines import baseline_rows
 

@@ -7,10 +7,10 @@ import time
 
 import torch
 
+from aqlmkit.cli._common import check_positive
 from aqlmkit.config import Scheme
+from aqlmkit.dtypes import NAMES, parse_dtype
 from aqlmkit.errors import AqlmkitError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def register(sub) -> None:
@@ -19,7 +19,7 @@ def register(sub) -> None:
     p.add_argument("--shape", default="1536x576", help="OUTxIN of the layer (default 1536x576)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 64], help="input rows (default 1 4 64)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(NAMES))
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--decode", action="store_true", help="run the decode benchmark instead")
     p.add_argument("--decode-schemes", nargs="+", default=["2x8g8", "8x8g16"])
@@ -32,6 +32,8 @@ def _parse_shape(text: str) -> tuple[int, int]:
         o, i = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise AqlmkitError(f"bad --shape {text!r}: write OUTxIN, e.g. 1536x576") from None
+    if o < 1 or i < 1:
+        raise AqlmkitError(f"bad --shape {text!r}: both sizes must be >= 1")
     return o, i
 
 
@@ -60,7 +62,7 @@ def microbench(scheme: str, shape: str, batches: list[int], device: str, dtype: 
 
     s, (o, i), dev = Scheme.parse(scheme), _parse_shape(shape), resolve_device(device)
     s.check_shape(o, i, "bench layer")
-    dt = _DTYPES[dtype]
+    dt = parse_dtype(dtype)
     hi = 1 << (s.nbits_per_codebook - 1)
     codes = torch.randint(-hi, hi, (o, i // s.in_group_size, s.num_codebooks), device=dev,
                           dtype=torch.int8 if s.nbits_per_codebook <= 8 else torch.int16)
@@ -79,6 +81,9 @@ def microbench(scheme: str, shape: str, batches: list[int], device: str, dtype: 
 
 
 def run(args) -> int:
+    check_positive(iters=args.iters, tokens=args.tokens)
+    for b in args.batch:
+        check_positive(batch=b)
     if args.decode:
         from aqlmkit.cli._bench_decode import run_decode_bench
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aqlmkit.cli._common import add_model_args
+from aqlmkit.cli._common import add_model_args, check_positive
 from aqlmkit.errors import AqlmkitError
 
 
@@ -32,9 +32,10 @@ def run(args) -> int:
     from aqlmkit.formats.loading import resolve_device
 
     resolve_device(args.device)  # fail on bad input before any slow work
-    if args.seqlen < 2 or args.batch_size < 1:
-        raise AqlmkitError(f"need --seqlen >= 2 and --batch-size >= 1 (got {args.seqlen}, "
-                           f"{args.batch_size})")
+    _check_common(args)
+    if args.seqlen < 2:
+        raise AqlmkitError(f"need --seqlen >= 2 (got {args.seqlen})")
+    check_positive(limit_tokens=args.limit_tokens)
     docs = load_corpus(args.dataset, "eval")
     from aqlmkit.formats.loading import load_model
     from aqlmkit.nn import compute_dtype
@@ -57,6 +58,15 @@ def run(args) -> int:
         paths = save_report(args.report, data)
         print(f"report: {paths[0]}", file=sys.stderr)
     return 0
+
+
+def _check_common(args) -> None:
+    """Flags both modes share, checked before the model loads."""
+    from aqlmkit.utils import check_writable_file
+
+    check_positive(batch_size=args.batch_size)
+    if args.report:
+        check_writable_file(args.report, "--report")
 
 
 # --- zero-shot accuracy through lm-eval (engineer H): `--tasks` switches eval from perplexity ---
@@ -88,6 +98,9 @@ def _run_zeroshot(args) -> int:
     from aqlmkit.nn import compute_dtype
 
     resolve_device(args.device)
+    _check_common(args)
+    if args.num_fewshot < 0:
+        raise AqlmkitError(f"--num-fewshot must be >= 0 (got {args.num_fewshot})")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise AqlmkitError("--tasks is empty; pass e.g. --tasks arc_easy,piqa")

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from aqlmkit.app.recipes import RECIPES
-from aqlmkit.cli._common import add_model_args
+from aqlmkit.cli._common import add_model_args, add_overwrite_arg
 
 # flag dest -> (recipe section, field); only flags the user gives override the recipe.
 _FLAGS = {
@@ -27,6 +27,7 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument("--teacher", default="default", help="fp teacher (default: the embedded model)")
     p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
+    add_overwrite_arg(p)
     p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
                    help="defaults of the global and pv sections (default quick)")
     p.add_argument("--dataset", help="training corpus (its calibration split)")
@@ -67,13 +68,14 @@ def run(args) -> int:
     from aqlmkit.app.job import check_recipe_device, default_work_dir, run_global_stages
     from aqlmkit.app.recipes import build_recipe
     from aqlmkit.errors import AqlmkitError
-    from aqlmkit.formats.aqlm_hf import save_quantized
+    from aqlmkit.formats.aqlm_hf import check_output_dir, save_quantized
     from aqlmkit.formats.loading import load_model
     from aqlmkit.pipeline.finetune_global import check_teacher
     from aqlmkit.pipeline.pv_tuning import quantized_layers
 
     recipe = build_recipe(args.recipe, None, _overrides(args))
     check_recipe_device(recipe)
+    check_output_dir(args.output, overwrite=args.overwrite, sources=[args.model, args.teacher])
     student, tok = load_model(args.model, device=args.device, dtype=args.dtype)
     layers = quantized_layers(student)
     if not layers:
@@ -84,7 +86,8 @@ def run(args) -> int:
     wd = Path(args.work_dir) if args.work_dir else default_work_dir(args.output) / "finetune"
     stats = run_global_stages(student, teacher, tok, recipe, wd, args.fresh)
     save_quantized(student, tok, args.output, layers[0].scheme,
-                   card={"finetune": ", ".join(f"{s['stage']} {s['steps']} steps" for s in stats)})
+                   card={"finetune": ", ".join(f"{s['stage']} {s['steps']} steps" for s in stats)},
+                   overwrite=args.overwrite)
     for s in stats:
         print(f"{s['stage']:>6}: held-out KL {s['kl_before']:.5f} -> {s['kl_after']:.5f} ({s['steps']} steps, "
               f"{s['codes_changed']} code groups changed, {s['v_kept']} V-steps kept / {s['v_undone']} undone, "

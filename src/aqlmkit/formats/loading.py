@@ -13,14 +13,13 @@ from pathlib import Path
 
 import torch
 
+from aqlmkit.dtypes import resolve_dtype
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.formats.default_model import resolve_default_model
 from aqlmkit.formats.gguf_convert import gguf_to_folder
 
 __all__ = ["load_model", "resolve_default_model", "resolve_device", "resolve_dtype"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -42,31 +41,46 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto`` is float32 on CPU (fp16 matmuls are slow there) and float16 on CUDA."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise AqlmkitError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
-    return _DTYPES[dtype]
-
-
 def _read_config(folder: Path) -> dict:
+    from aqlmkit.formats.load import read_json_object
+
     path = folder / "config.json"
     if not path.is_file():
         raise AqlmkitError(f"{folder} has no config.json, so it is not a Hugging Face model "
                            "folder; pass an HF/AQLM folder, a .gguf file or 'default'")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AqlmkitError(f"cannot read {path}: {e}") from e
+    return read_json_object(path)
 
 
-def _is_aqlm(config: dict) -> bool:
-    qc = config.get("quantization_config") or {}
-    return isinstance(qc, dict) and qc.get("quant_method") == "aqlm"
+def _is_aqlm(config: dict, path: Path) -> bool:
+    """True for an AQLM config; a damaged or foreign quantization_config is refused here."""
+    if "quantization_config" not in config:
+        return False
+    from aqlmkit.formats.load import check_quant_method
+
+    check_quant_method(config["quantization_config"], path / "config.json")
+    return True
+
+
+def _check_plain(folder: Path) -> None:
+    """A plain folder must hold safetensors inside it and no AQLM tensors (a config that lost
+    its quantization_config would otherwise load with random linears)."""
+    from aqlmkit.formats import safetensors_io as st
+    from aqlmkit.formats.load import tensor_names
+
+    st.weight_files(folder)
+    quantized = [n for n in tensor_names(folder) if n.endswith((".codes", ".codebooks"))]
+    if quantized:
+        raise AqlmkitError(f"{folder} holds AQLM tensors ({quantized[0]} ...) but its config.json has no "
+                           "quantization_config; the config is damaged: restore it from the original "
+                           "checkpoint")
+
+
+def _check_finite(model, source: str) -> None:
+    import torch
+
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise AqlmkitError(f"model {source}: tensor {name} contains NaN/inf; the weights are damaged")
 
 
 def _load_tokenizer(source: str, **kwargs):
@@ -84,21 +98,23 @@ def _load_hf(source: str, device: torch.device, dtype: torch.dtype, **kwargs):
 
     try:
         tok = _load_tokenizer(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **kwargs)
     except AqlmkitError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AqlmkitError(f"cannot load model {source!r}: {first}") from e
+    _check_finite(model, source)
     return model.to(device).eval(), tok
 
 
 def _load_folder(folder: Path, device: torch.device, dtype: torch.dtype):
     config = _read_config(folder)
-    if _is_aqlm(config):
+    if _is_aqlm(config, folder):
         from aqlmkit.formats.aqlm_hf import load_quantized
 
         return load_quantized(folder, device, dtype)
+    _check_plain(folder)
     return _load_hf(str(folder), device, dtype)
 
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from aqlmkit.errors import AqlmkitError
+from aqlmkit.utils import fault_point
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -62,6 +63,7 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size:
     for i, names in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{n:05d}.safetensors"
         save_file({k: tensors[k] for k in names}, str(folder / fname), metadata=meta)
+        fault_point("save:shard")
         weight_map.update({k: fname for k in names})
         files.append(fname)
     index = {"metadata": {"total_size": sum(_nbytes(t) for t in tensors.values())},
@@ -70,26 +72,54 @@ def save_sharded(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size:
     return files + [INDEX]
 
 
+def _inside(folder: Path, name) -> Path:
+    """``folder/name`` for a plain file name that stays inside ``folder`` (symlinks resolved).
+
+    A Hugging Face cache snapshot (``.../snapshots/<rev>/``) may link into its repo's ``blobs/``.
+    """
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise AqlmkitError(f"{folder / INDEX} names the shard {name!r}, which is not a file name inside "
+                           "the checkpoint folder; the index is damaged or hostile")
+    return check_contained(folder, folder / name)
+
+
+def check_contained(folder: Path, path: Path) -> Path:
+    """Refuse a file whose real location (after symlinks) is outside ``folder``."""
+    root, real = folder.resolve(), path.resolve()
+    allowed = [root]
+    if root.parent.name == "snapshots":
+        allowed.append(root.parent.parent / "blobs")
+    if not any(real == a or a in real.parents for a in allowed):
+        raise AqlmkitError(f"{path} points outside the checkpoint folder ({real}); refusing to load it")
+    return path
+
+
+def _index_files(folder: Path) -> list[Path]:
+    try:
+        index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
+        names = sorted(set(index["weight_map"].values()), key=str)
+    except (ValueError, KeyError, AttributeError, TypeError, OSError) as e:
+        raise AqlmkitError(f"{folder / INDEX} is not a valid safetensors index ({e}); "
+                           "re-export the checkpoint") from None
+    paths = [_inside(folder, n) for n in names]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise AqlmkitError(f"{folder}: shard(s) {missing} listed in {INDEX} are missing")
+    return paths
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a checkpoint folder (single or via the index)."""
+    """The safetensors files of a checkpoint folder (single or via the index), all inside it."""
     if (folder / INDEX).is_file():
-        try:
-            index = json.loads((folder / INDEX).read_text(encoding="utf-8"))
-            names = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as e:
-            raise AqlmkitError(f"{folder / INDEX} is not a valid safetensors index ({e}); "
-                               "re-export the checkpoint") from None
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise AqlmkitError(f"{folder}: shard(s) {missing} listed in {INDEX} are missing")
-        return [folder / n for n in names]
+        return _index_files(folder)
     if (folder / SINGLE).is_file():
-        return [folder / SINGLE]
+        return [check_contained(folder, folder / SINGLE)]
     found = sorted(folder.glob("*.safetensors"))
     if found:
-        return found
-    bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt"))
-    hint = " (only pickle .bin/.pt files found; aqlmkit reads safetensors only, convert them first)" if bins else ""
+        return [check_contained(folder, f) for f in found]
+    bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+    hint = (" (only pickle .bin/.pt files found: aqlmkit never unpickles model files; convert them to "
+            "safetensors with a tool you trust)") if bins else ""
     raise AqlmkitError(f"no safetensors weights in {folder}{hint}")
 
 

@@ -75,11 +75,6 @@ class StraightThrough:
     """Straight-through deltas D of every quantized weight, their Adam state, and the V-step."""
 
     def __init__(self, layers: list[QuantizedLinear], cfg: PVConfig) -> None:
-        if not 0 < cfg.max_change <= 1:
-            from aqlmkit.errors import AqlmkitError
-
-            raise AqlmkitError(f"PV max_change={cfg.max_change} must be in (0, 1]: a V-step that may "
-                               "change no code group does nothing; use --no-pv for P-only tuning")
         self.layers, self.cfg = layers, cfg
         self.buffers = [torch.zeros(m.out_features, m.in_features, device=m.codes.device) for m in layers]
         self.sq = [torch.zeros_like(b) for b in self.buffers]
