@@ -12,7 +12,7 @@ def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of a model on a text corpus")
     add_model_args(p)
     p.add_argument("--dataset", "-d", default="default",
-                   help="default, pydoc, kjv, wikitext2, c4, ptb, redpajama, or a .txt/.jsonl file "
+                   help="default, ood, pydoc, kjv, sotu, factbook, wikitext2, c4, ptb, redpajama, or a .txt/.jsonl file "
                         "(its eval split is used)")
     p.add_argument("--seqlen", type=int, default=2048,
                    help="window length in tokens (capped by the model's context; default 2048)")

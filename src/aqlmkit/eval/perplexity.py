@@ -28,17 +28,17 @@ class PerplexityResult:
     nll: float = 0.0  # mean next-token NLL (nats)
 
 
-def _eval_ids(tokenizer, dataset_or_text) -> torch.Tensor:
+def _eval_ids(tokenizer, dataset_or_text, limit_tokens: int | None = None) -> torch.Tensor:
     """Token ids of the eval text; a corpus name/path is loaded via ``load_corpus(..., 'eval')``."""
     if isinstance(dataset_or_text, torch.Tensor):
         return dataset_or_text.reshape(-1).long()
     if isinstance(dataset_or_text, (list, tuple)):
-        return tokenize_docs(tokenizer, list(dataset_or_text))
+        return tokenize_docs(tokenizer, list(dataset_or_text), limit_tokens=limit_tokens)
     text = str(dataset_or_text)
     from aqlmkit.data.corpora import corpus_names, load_corpus
 
     if text in corpus_names() or (text.lower().endswith((".txt", ".jsonl")) and "\n" not in text):
-        return tokenize_docs(tokenizer, load_corpus(text, "eval"))
+        return tokenize_docs(tokenizer, load_corpus(text, "eval"), limit_tokens=limit_tokens)
     return tokenize_docs(tokenizer, text)
 
 
@@ -78,7 +78,7 @@ def perplexity(model, tokenizer, dataset_or_text, seqlen: int = 2048, batch_size
     if batch_size < 1:
         raise AqlmkitError(f"batch_size must be at least 1 (got {batch_size})")
     seqlen = effective_seqlen(model, seqlen)
-    windows = _windows(_eval_ids(tokenizer, dataset_or_text), seqlen, limit_tokens)
+    windows = _windows(_eval_ids(tokenizer, dataset_or_text, limit_tokens), seqlen, limit_tokens)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
