@@ -189,7 +189,7 @@ def _cheap_student(model, scheme: str):
     from aqlmkit.nn.linear import is_skipped  # noqa: F401 (same skip rules as the pipeline)
 
     s = Scheme.parse(scheme)
-    cfg = LayerQuantConfig(max_epochs=1, steps_per_epoch=0, init_max_iter=3, init_max_points=2 ** 12)
+    cfg = LayerQuantConfig(max_epochs=0, steps_per_epoch=0, init_max_iter=3, init_max_points=2 ** 12)
     for name, lin in [(n, m) for n, m in model.named_modules()
                       if type(m) is torch.nn.Linear and ".layers." in f".{n}"]:
         w = lin.weight.detach().float()

@@ -148,7 +148,7 @@ def test_recipe_precedence_and_bad_config(tmp_path):
     for bad, match in (({"calibration": {"nsample": 7}}, "nsample"), ({"calibration": {"nsamples": "7"}}, "nsamples must be int"),
                        ({"layer": {"beam_size": 0}}, "beam_size"), ({"global": {"lr": -1.0}}, "GlobalFinetuneConfig.lr"),
                        ({"pv": {"v": {"max_change": 0.0}}}, "max_change"), ({"global": None, "pv": {}}, "needs the global"),
-                       ({"layer": []}, "must be an object")):
+                       ({"layer": []}, "must be a JSON object")):
         path.write_text(json.dumps(bad))
         with pytest.raises(AqlmkitError, match=match):
             build_recipe("quick", load_config_file(str(path)), {})

@@ -121,6 +121,11 @@ def load_config_file(path: str | None) -> dict:
     bad = sorted(set(data) - set(SECTIONS))
     if bad:
         raise AqlmkitError(f"config file {path}: unknown section(s) {bad}; allowed: {list(SECTIONS)}")
+    for key, val in data.items():
+        nullable = key in ("global", "pv")
+        if key not in ("scheme", "baselines") and not (isinstance(val, dict) or (nullable and val is None)):
+            raise AqlmkitError(f"config file {path}: section {key!r} must be a JSON object of objects, e.g. "
+                               f"{{\"{key}\": {{...}}}}{' (or null to disable it)' if nullable else ''}")
     return data
 
 

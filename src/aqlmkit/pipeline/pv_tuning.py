@@ -26,7 +26,7 @@ from torch import nn
 
 from aqlmkit.config import PVConfig, Scheme
 from aqlmkit.engine.code_search import beam_search_codes
-from aqlmkit.engine.layout import from_units, to_units
+from aqlmkit.engine.layout import decode, from_units, to_units
 from aqlmkit.kernels import reference
 from aqlmkit.kernels.reference import unsigned_codes
 from aqlmkit.nn import QuantizedLinear
@@ -117,7 +117,9 @@ class StraightThrough:
         for ch in changes:
             m = ch.layer
             _set_codes(m, ch.flat_idx, ch.old_codes)
-            _clear_groups(self.buffers[index[id(m)]], m.scheme, ch.flat_idx)
+            buf = self.buffers[index[id(m)]]
+            units = to_units(buf, m.scheme)
+            _subtract_groups(buf, m.scheme, ch.flat_idx, units.reshape(-1, units.shape[-1])[ch.flat_idx].clone())
 
     @torch.no_grad()
     def reset(self) -> None:
@@ -149,14 +151,6 @@ def _set_codes(m: QuantizedLinear, flat_idx: torch.Tensor, values: torch.Tensor)
     with torch.no_grad():  # on the Parameter itself, so its version counter moves too
         m.codes.view(-1, k)[flat_idx] = values.to(m.codes.dtype)
     m._kernel_cache.clear()
-
-
-def _clear_groups(buf: torch.Tensor, scheme: Scheme, flat_idx: torch.Tensor) -> None:
-    units = to_units(buf, scheme)
-    d = units.shape[-1]
-    units = units.reshape(-1, d)
-    units[flat_idx] = 0
-    buf.copy_(from_units(units.view(buf.shape[0] // scheme.out_group_size, -1, d), scheme))
 
 
 def _subtract_groups(buf: torch.Tensor, scheme: Scheme, flat_idx: torch.Tensor, delta: torch.Tensor) -> None:
@@ -193,7 +187,7 @@ def _v_step_layer(m: QuantizedLinear, buf: torch.Tensor, cfg: PVConfig) -> VChan
     if not bool(moved.any()):
         return None
     # Size of each accepted change: ||ΔŴ|| per group, accumulated in priority order.
-    delta = (_decode_rows(books, new) - _decode_rows(books, old)) * scales[:, None]
+    delta = (decode(new[:, None], books) - decode(old[:, None], books))[:, 0] * scales[:, None]
     change = delta.pow(2).sum(-1) * moved
     if cfg.trust_ratio is not None:
         budget = (cfg.trust_ratio * float(w.norm())) ** 2
@@ -207,14 +201,6 @@ def _v_step_layer(m: QuantizedLinear, buf: torch.Tensor, cfg: PVConfig) -> VChan
     _set_codes(m, idx, pack_codes(new[moved], nbits))
     _subtract_groups(buf, scheme, idx, delta[moved])
     return VChange(m, idx, old_stored)
-
-
-def _decode_rows(books: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Σ_k books[k][codes[:, k]] for codes [n, K] -> [n, D]."""
-    out = books[0].index_select(0, codes[:, 0])
-    for k in range(1, books.shape[0]):
-        out = out + books[k].index_select(0, codes[:, k])
-    return out
 
 
 def quantized_layers(model: nn.Module) -> list[QuantizedLinear]:
