@@ -38,8 +38,18 @@ LUT_SCHEMES = ((2, 8, 8), (1, 8, 8))
 MMA_SCHEMES = ((2, 8, 8), (1, 8, 8), (1, 16, 8), (1, 16, 16))
 PATHS = ("gemv", "lut", "mma", "dequant")
 # AQLMKIT_CUDA_PATH=gemv|lut|mma|dequant pins one path wherever it applies (read once, so
-# torch.compile tracing stays simple); unset = the DISPATCH table.
-_PATH_ENV = os.environ.get("AQLMKIT_CUDA_PATH", "")
+# torch.compile tracing stays simple; kernels.reload_settings re-reads it); unset = DISPATCH.
+_PATH_ENV = ""
+
+
+def reload_settings() -> None:
+    global _PATH_ENV
+    _PATH_ENV = os.environ.get("AQLMKIT_CUDA_PATH", "").strip().lower()
+    if _PATH_ENV and _PATH_ENV not in PATHS:
+        raise AqlmkitError(f"AQLMKIT_CUDA_PATH={_PATH_ENV!r} is not one of {PATHS}; unset it or pick one")
+
+
+reload_settings()
 ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90")
 CUDA_FLAGS = ("-O3", "-std=c++17", *ARCH_FLAGS)
 SOURCES = ("aqlm_cuda.cpp", "aqlm_cuda_dequant.cu", "aqlm_cuda_gemv_2x8g8.cu",

@@ -106,6 +106,20 @@ class QuantizedLinear(nn.Module):
                                     requires_grad=False)
         return mod
 
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``/``.cuda()``/``.half()``: drop packed operands (they also pin the old storage)."""
+        self._kernel_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._kernel_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def invalidate_kernel_cache(self) -> None:
+        """Forget packed operands: needed only after an in-place write through a ``.data`` alias
+        (``layer.codes.data[...] = ...``), which PyTorch's version counter does not record."""
+        self._kernel_cache.clear()
+
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         """True when backward must flow (LoRA inputs, codebook/scale tuning): fast kernels are forward-only."""
         if not torch.is_grad_enabled():
