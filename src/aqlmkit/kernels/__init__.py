@@ -140,6 +140,14 @@ def _select(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, force
     return "reference"
 
 
+def _needs_grad(x: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or codebooks.requires_grad or scales.requires_grad
+            or (bias is not None and bias.requires_grad))
+
+
 def aqlm_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -147,7 +155,20 @@ def aqlm_linear(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequantize(codes, codebooks, scales)^T + bias with the best available kernel."""
+    """y = x @ dequantize(codes, codebooks, scales)^T + bias with the best available kernel.
+
+    When autograd needs this call (LoRA inputs, tuned codebooks/scales) it goes through the
+    ``aqlmkit::aqlm_linear`` op (:mod:`aqlmkit.kernels.op`): the same fast forward, plus a
+    backward; otherwise straight to the backend, skipping the op's ~10 us of Python dispatch."""
+    if _needs_grad(x, codebooks, scales, bias):
+        return torch.ops.aqlmkit.aqlm_linear(x, codes, codebooks, scales, bias)
+    return dispatch(x, codes, codebooks, scales, bias)
+
+
+def dispatch(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward only: the backend :func:`select` names (each backend then picks its path from the
+    row count, e.g. CPU LUT for <= 8 rows, CUDA mma for <= 16, dequantize + GEMM above)."""
     name = select(x, codes, codebooks)
     if name == "reference":
         return reference.aqlm_linear(x, codes, codebooks, scales, bias)
@@ -187,9 +208,11 @@ def aqlm_linear_cached(
     Under ``torch.compile`` the key cannot be traced, so the entry an eager call left in ``cache``
     is used as is; without one this is :func:`aqlm_linear`.
     """
+    if _needs_grad(x, codebooks, scales, bias):
+        return torch.ops.aqlmkit.aqlm_linear(x, codes, codebooks, scales, bias)
     if torch.compiler.is_compiling():
         return _run_cached_entry(cache.get("entry"), x, codes, codebooks, scales, bias)
-    grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
+    grad = False
     try:
         key = (_SETTINGS.kernel, x.dtype, x.device, grad, _operand_key(codes),
                _operand_key(codebooks), _operand_key(scales), _operand_key(bias))
@@ -277,6 +300,8 @@ def _run_cached_entry(entry, x, codes, codebooks, scales, bias) -> torch.Tensor:
     return backend.run_packed(entry[3], x, codes, codebooks, scales, bias)
 
 
-__all__ = ["Backend", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",
+from aqlmkit.kernels import op  # noqa: E402  (registers torch.ops.aqlmkit.aqlm_linear)
+
+__all__ = ["Backend", "dispatch", "op", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",
            "invalidate_caches", "settings", "reload_settings", "half_linear", "half_kernel_available",
            "reference"]

@@ -169,7 +169,14 @@ def default_path(batch: int, codes: torch.Tensor, codebooks: torch.Tensor, in_fe
 def supports(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
     if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if codes.dtype not in (torch.int8, torch.int16) or codebooks.dim() != 4 or codebooks.shape[2] != 1:
+    return supports_dequant(codes, codebooks)
+
+
+def supports_dequant(codes: torch.Tensor, codebooks: torch.Tensor) -> bool:
+    """Whether the dequantize kernel (the path every supported call can fall back to) runs these."""
+    if not codes.is_cuda or codes.dtype not in (torch.int8, torch.int16):
+        return False
+    if codebooks.dim() != 4 or codebooks.shape[2] != 1:
         return False
     n = int(codebooks.shape[1])
     if n & (n - 1) or n > 65536 or (n > 256 and codes.dtype != torch.int16):

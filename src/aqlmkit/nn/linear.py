@@ -2,8 +2,8 @@
 
 Matching the official ``aqlm.QuantizedLinear`` (which transformers' AQLM integration builds) means
 a state dict moves between the two unchanged, so aqlmkit checkpoints load in plain transformers and
-theirs load here. The matmul goes through :func:`aqlmkit.kernels.aqlm_linear`, except while training
-needs gradients, where the differentiable reference math is used.
+theirs load here. The matmul goes through :func:`aqlmkit.kernels.aqlm_linear_cached`; while training
+needs gradients it runs the ``aqlmkit::aqlm_linear`` op (fast forward, dequantized backward).
 """
 from __future__ import annotations
 
@@ -120,17 +120,10 @@ class QuantizedLinear(nn.Module):
         (``layer.codes.data[...] = ...``), which PyTorch's version counter does not record."""
         self._kernel_cache.clear()
 
-    def _needs_autograd(self, x: torch.Tensor) -> bool:
-        """True when backward must flow (LoRA inputs, codebook/scale tuning): fast kernels are forward-only."""
-        if not torch.is_grad_enabled():
-            return False
-        return (x.requires_grad or self.codebooks.requires_grad or self.scales.requires_grad
-                or (self.bias is not None and self.bias.requires_grad))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._needs_autograd(x):
-            return reference.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
-        # Inference: the kernel's per-layer packed operands are built once (eagerly) and reused.
+        # Inference: the kernel's per-layer packed operands are built once (eagerly) and reused;
+        # when autograd needs the call (LoRA, tuning) it runs the aqlmkit::aqlm_linear op, the
+        # same fast forward with a backward (kernels.op).
         return kernels.aqlm_linear_cached(x, self.codes, self.codebooks, self.scales, self.bias,
                                           self._kernel_cache)
 
