@@ -156,3 +156,30 @@ def test_training_forward_runs_the_kernel_not_the_reference(monkeypatch):
     torch.testing.assert_close(y, x @ want.T, rtol=1e-4, atol=1e-4)
     y.square().sum().backward()
     assert x.grad is not None and layer.codebooks.grad.abs().sum() > 0
+
+
+def test_fuse_siblings_groups_only_compatible_layers_and_keeps_cpu_outputs():
+    from aqlmkit.nn.fused import fuse_siblings, unfuse_siblings
+
+    gen = torch.Generator().manual_seed(5)
+
+    def q(out_f, scheme="2x8g8", in_f=32):
+        return QuantizedLinear.from_quantized(random_qw(out_f, in_f, Scheme.parse(scheme), gen))
+
+    attn = nn.Module()
+    attn.q_proj, attn.k_proj, attn.v_proj = q(32), q(16), q(16)
+    mlp = nn.Module()
+    mlp.gate_proj, mlp.up_proj = q(24, "1x16g8"), q(24, "2x8g8")  # schemes differ: not fused
+    model = nn.ModuleDict({"attn": attn, "mlp": mlp})
+    x = torch.randn(1, 32, generator=gen)
+    with torch.no_grad():
+        want = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        assert fuse_siblings(model) == 1
+        assert attn.v_proj._siblings is attn.q_proj._siblings and mlp.up_proj._siblings is None
+        assert fuse_siblings(model) == 0  # already grouped
+        got = [m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]  # CPU: each runs alone
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert unfuse_siblings(model) == 3 and attn.q_proj._siblings is None
+    with pytest.raises(ValueError):
+        fuse_siblings(model, groups=[("q_proj",)])

@@ -12,6 +12,7 @@ import os
 import threading
 import warnings
 from types import ModuleType
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,55 @@ def reload_settings() -> None:
 
 
 reload_settings()
-ARCH_FLAGS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90")
-CUDA_FLAGS = ("-O3", "-std=c++17", *ARCH_FLAGS)
+# Oldest compute capability (10*major+minor) each path's instructions exist on: mma.sync
+# m16n8k16 (f16/bf16) and the LUT kernel's ~66 KB of shared memory per block need sm_80; gemv and
+# dequantize run from sm_75, the oldest target nvcc 13 builds.
+MIN_CC = {"gemv": 75, "dequant": 75, "lut": 80, "mma": 80}
+OLDEST_CC = 75
+BASE_FLAGS = ("-O3", "-std=c++17")
+
+
+def gencode_flags(archs) -> tuple[str, ...]:
+    """nvcc flags: a cubin for each arch (e.g. 75, 90) plus PTX of the newest, so a GPU newer than
+    any of them JIT-compiles that PTX at load instead of finding no kernel image."""
+    archs = sorted({int(a) for a in archs})
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return (*flags, f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+
+
+def build_archs() -> tuple[int, ...]:
+    """Archs to build for: AQLMKIT_CUDA_ARCHS ("75;90") or every visible GPU's (build for the GPU
+    that is present). GPUs older than sm_75 are left out (nvcc 13 cannot target them)."""
+    env = os.environ.get("AQLMKIT_CUDA_ARCHS", "").replace(",", ";").strip()
+    if env:
+        try:
+            archs = {int(float(a) * 10) if "." in a else int(a) for a in env.split(";") if a.strip()}
+        except ValueError:
+            raise AqlmkitError(f"AQLMKIT_CUDA_ARCHS={env!r}: expected archs like '75;90' or '8.0;9.0'") from None
+    else:
+        archs = {device_cc(i) for i in range(torch.cuda.device_count())}
+    archs = {a for a in archs if a >= OLDEST_CC}
+    if not archs:
+        raise AqlmkitError(f"no GPU of compute capability 7.5 or newer (found {sorted(archs) or 'none'}); "
+                           "the CUDA kernels need sm_75+; set AQLMKIT_KERNEL=reference")
+    return tuple(sorted(archs))
+
+
+def cuda_flags(archs=None) -> tuple[str, ...]:
+    return (*BASE_FLAGS, *gencode_flags(archs if archs is not None else build_archs()))
+
+
+_CC: dict[int, int] = {}
+
+
+def device_cc(index: int | None = None) -> int:
+    """Compute capability of a GPU as 10*major+minor (75, 80, 90, ...), cached."""
+    index = torch.cuda.current_device() if index is None else int(index)
+    cc = _CC.get(index)
+    if cc is None:
+        major, minor = torch.cuda.get_device_capability(index)
+        cc = _CC[index] = 10 * major + minor
+    return cc
 SOURCES = ("aqlm_cuda.cpp", "aqlm_cuda_dequant.cu", "aqlm_cuda_gemv_2x8g8.cu",
            "aqlm_cuda_gemv_1x8g8.cu", "aqlm_cuda_gemv_1x16g8.cu", "aqlm_cuda_gemv_1x16g16.cu",
            "aqlm_cuda_lut_2x8g8.cu", "aqlm_cuda_lut_1x8g8.cu", "aqlm_cuda_mma_2x8g8.cu",
@@ -71,10 +119,9 @@ def extension() -> ModuleType:
                 raise AqlmkitError(_EXT_ERROR)
             from aqlmkit.kernels._build import load_extension
 
-            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-            try:
+            try:  # our -gencode flags make torch add none of TORCH_CUDA_ARCH_LIST's
                 _EXT = load_extension("aqlmkit_cuda", SOURCES, extra_cflags=("-O3",),
-                                      extra_cuda_cflags=CUDA_FLAGS,
+                                      extra_cuda_cflags=cuda_flags(),
                                       verbose=bool(os.environ.get("AQLMKIT_BUILD_VERBOSE")))
             except AqlmkitError as e:
                 _EXT_ERROR = str(e)
@@ -132,6 +179,23 @@ def _(codes, codebooks, scales):
     return codebooks.new_empty((codes.shape[0], codes.shape[1] * codebooks.shape[3]))
 
 
+@torch.library.custom_op("aqlmkit::cuda_group_matmul", mutates_args=(), device_types="cuda")
+def cuda_group_matmul(path: int, x: torch.Tensor, codes: list[torch.Tensor],
+                      codebooks: list[torch.Tensor], scales: list[torch.Tensor],
+                      bias: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """1..3 layers that share x [batch, in] (same scheme and in_features) in one launch; path
+    0 gemv, 1 lut, 2 mma. Returns each layer's [batch, out_i] in x's dtype."""
+    return extension().group_matmul(path, x, codes, codebooks, scales, bias)
+
+
+@cuda_group_matmul.register_fake
+def _(path, x, codes, codebooks, scales, bias):
+    return [x.new_empty((x.shape[0], c.shape[0])) for c in codes]
+
+
+GROUP_PATH_ID = {"gemv": 0, "lut": 1, "mma": 2}
+
+
 def scheme_key(codebooks: torch.Tensor) -> tuple[int, int, int]:
     k, n, _, g = codebooks.shape
     return int(k), int(n).bit_length() - 1, int(g)
@@ -139,7 +203,11 @@ def scheme_key(codebooks: torch.Tensor) -> tuple[int, int, int]:
 
 def applies(path: str, batch: int, codes: torch.Tensor, codebooks: torch.Tensor,
             in_features: int) -> bool:
-    """Whether ``path`` can run this call (scheme, code dtype, batch, shape)."""
+    """Whether ``path`` can run this call (the GPU's arch, scheme, code dtype, batch, shape)."""
+    if path not in MIN_CC:
+        raise AqlmkitError(f"unknown CUDA path {path!r}; expected one of {PATHS}")
+    if device_cc(codes.device.index) < MIN_CC[path]:
+        return False
     key = scheme_key(codebooks)
     code_ok = codes.dtype == (torch.int8 if key[1] <= 8 else torch.int16)
     if path == "dequant":
@@ -150,19 +218,19 @@ def applies(path: str, batch: int, codes: torch.Tensor, codebooks: torch.Tensor,
         return key in GEMV_SCHEMES and batch <= 16
     if path == "lut":
         return key in LUT_SCHEMES and code_ok and batch <= 4
-    if path == "mma":
-        return key in MMA_SCHEMES and code_ok and batch <= 16
-    raise AqlmkitError(f"unknown CUDA path {path!r}; expected one of {PATHS}")
+    return key in MMA_SCHEMES and code_ok and batch <= 16  # mma
 
 
-def default_path(batch: int, codes: torch.Tensor, codebooks: torch.Tensor, in_features: int) -> str:
-    """"gemv" | "lut" | "mma" | "dequant": the path ``run`` takes without ``force``."""
+def default_path(batch: int, codes: torch.Tensor, codebooks: torch.Tensor, in_features: int,
+                 out_features: int | None = None) -> str:
+    """"gemv" | "lut" | "mma" | "dequant": the path ``run`` takes without ``force``: the first
+    DISPATCH entry that covers the call and can run on this GPU (an sm_75 GPU skips lut/mma)."""
     if _PATH_ENV and applies(_PATH_ENV, batch, codes, codebooks, in_features):
         return _PATH_ENV
-    size = int(codes.shape[0]) * in_features
+    size = int(codes.shape[0] if out_features is None else out_features) * in_features
     for max_batch, path, min_size in DISPATCH.get(scheme_key(codebooks), ()):
-        if batch <= max_batch and size >= min_size:
-            return path if applies(path, batch, codes, codebooks, in_features) else "dequant"
+        if batch <= max_batch and size >= min_size and applies(path, batch, codes, codebooks, in_features):
+            return path
     return "dequant"
 
 
@@ -202,6 +270,31 @@ def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: t
         w = torch.ops.aqlmkit.cuda_dequant(codes.contiguous(), cb, sc)
         y = F.linear(x2, w, b)
     return y.reshape(*lead, out_f)
+
+
+def run_group(x: torch.Tensor, layers, *, force: str | None = None) -> list[torch.Tensor]:
+    """Outputs of sibling layers [(codes, codebooks, scales, bias), ...] that read the same x, in
+    one launch where a matmul path applies. The path is chosen for the group as a whole (its total
+    rows: fused q/k/v of 4096x4096 behave like one 12288x4096 layer); else each is dequantized.
+    A layer given as (codes, codebooks, scales) has no bias."""
+    layers = [(*layer, None) if len(layer) == 3 else tuple(layer) for layer in layers]
+    codes0, cb0 = layers[0][0], layers[0][1]
+    in_f = codes0.shape[1] * cb0.shape[3]
+    if x.shape[-1] != in_f:
+        raise AqlmkitError(f"input has {x.shape[-1]} features but the layers expect {in_f}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_f).contiguous()
+    total = sum(int(c.shape[0]) for c, *_ in layers)
+    path = force or default_path(x2.shape[0], codes0, cb0, in_f, out_features=total)
+    if path in GROUP_PATH_ID and x2.shape[0] > 0:
+        ys = torch.ops.aqlmkit.cuda_group_matmul(
+            GROUP_PATH_ID[path], x2, [c.contiguous() for c, *_ in layers],
+            [cb.to(x.dtype).contiguous() for _, cb, *_ in layers],
+            [sc.reshape(-1).to(x.dtype).contiguous() for _, _, sc, _ in layers],
+            [None if b is None else b.to(x.dtype).contiguous() for *_, b in layers])
+    else:
+        ys = [run(x2, *layer, force="dequant") for layer in layers]
+    return [y.reshape(*lead, y.shape[-1]) for y in ys]
 
 
 register_backend(Backend("cuda", 100, supports, run))

@@ -75,6 +75,9 @@ class QuantizedLinear(nn.Module):
         # Per-layer kernel state (backend choice, packed operands), see kernels.aqlm_linear_cached.
         # Created here, not lazily in forward: dynamo cannot trace dict.setdefault on __dict__.
         self._kernel_cache: dict = {}
+        # Sibling fusion (aqlmkit.nn.fused): the group that computes this layer with its siblings.
+        self._siblings = None
+        self._sibling_index = 0
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
@@ -124,6 +127,10 @@ class QuantizedLinear(nn.Module):
         # Inference: the kernel's per-layer packed operands are built once (eagerly) and reused;
         # when autograd needs the call (LoRA, tuning) it runs the aqlmkit::aqlm_linear op, the
         # same fast forward with a backward (kernels.op).
+        if self._siblings is not None:
+            y = self._siblings.forward(self, self._sibling_index, x)
+            if y is not None:
+                return y
         return kernels.aqlm_linear_cached(x, self.codes, self.codebooks, self.scales, self.bias,
                                           self._kernel_cache)
 
