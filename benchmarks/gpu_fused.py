@@ -3,8 +3,8 @@
 1. q/k/v (3 x 4096x4096) and gate/up (2 x 11008x4096): the unfused layers (one dispatch each)
    against one fused launch (aqlmkit.kernels.cuda.run_group, default path and every forced path),
    and fp16 as three F.linears and as one F.linear on the concatenated weight.
-2. Batch 17..64 (serving batches): dequantize + cuBLAS (the default above 16 rows) against the
-   tensor-core kernel run per 16-row chunk, and fp16.
+2. Batch 17..64 (serving batches): dequantize + cuBLAS against the tensor-core kernel (4 n-tiles,
+   32 rows a launch), the same kernel per 16-row chunk (first idea), and fp16.
 Timings replay CUDA graphs over enough weight copies that weights stream from HBM (gpu_kernels.py).
 Writes benchmarks/results/<date>_<device>_gpu_fused.json.
 Usage: PYTHONPATH=src python benchmarks/gpu_fused.py [--schemes 2x8g8,1x16g8] [--batches 1,4,16]
@@ -69,7 +69,8 @@ def bench_group(name, scheme, batches):
 
 
 def mma_chunked(x, layer):
-    """The tensor-core kernel per 16-row chunk: every chunk decodes the whole weight again."""
+    """The 2-n-tile tensor-core kernel per 16-row chunk: each chunk decodes the whole weight again
+    (the first idea, a loser at 64 rows; kept to compare)."""
     return torch.cat([kc.run(x[i:i + 16], *layer, force="mma") for i in range(0, x.shape[0], 16)])
 
 
@@ -84,11 +85,15 @@ def bench_big_batch(scheme, batches):
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
             t = {"us_dequant_cublas": time_graph([lambda L=L: kc.run(x, *L, force="dequant") for L in layers]),
                  "us_fp16": time_graph([lambda w=w: F.linear(x, w) for w in ws])}
-            if kc.applies("mma", 16, layers[0][0], layers[0][1], in_f):
-                t["us_mma_chunked"] = time_graph([lambda L=L: mma_chunked(x, L) for L in layers])
-                t["mma_chunked_rel_err"] = rel_err(mma_chunked(x, layers[0]), x, layers[0])
+            if kc.applies("mma", batch, layers[0][0], layers[0][1], in_f):
+                t["us_mma_chunk16"] = time_graph([lambda L=L: mma_chunked(x, L) for L in layers])
+                t["us_mma"] = time_graph([lambda L=L: kc.run(x, *L, force="mma") for L in layers])
+                t["mma_rel_err"] = rel_err(kc.run(x, *layers[0], force="mma"), x, layers[0])
+            t["us_default"] = time_graph([lambda L=L: kc.run(x, *L) for L in layers])
             row = {"shape": f"{out_f}x{in_f}", "scheme": scheme, "batch": batch, **t,
-                   "default_vs_fp16": t["us_fp16"] / t["us_dequant_cublas"]}
+                   "path": kc.default_path(batch, layers[0][0], layers[0][1], in_f),
+                   "default_vs_fp16": t["us_fp16"] / t["us_default"],
+                   "dequant_vs_fp16": t["us_fp16"] / t["us_dequant_cublas"]}
             print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                   flush=True)
             rows.append(row)
@@ -101,7 +106,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--schemes", default="2x8g8,1x8g8,1x16g8,1x16g16")
     ap.add_argument("--batches", default="1,2,4,8,16")
-    ap.add_argument("--big-batches", default="17,32,64")
+    ap.add_argument("--big-batches", default="17,32,48,64")
     ap.add_argument("--big-schemes", default="2x8g8,1x16g8")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()

@@ -29,7 +29,7 @@ def close(y, want, dtype):
     assert err < (4e-3 if dtype == torch.float16 else 2e-2), err
 
 
-PATH_BATCHES = {"gemv": (1, 3, 16), "lut": (1, 2, 4), "mma": (1, 9, 16)}
+PATH_BATCHES = {"gemv": (1, 3, 16), "lut": (1, 2, 4), "mma": (1, 9, 16, 32, 40)}
 
 
 @pytest.mark.parametrize("path", ["gemv", "lut", "mma"])

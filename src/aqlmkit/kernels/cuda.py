@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.kernels import Backend, register_backend
 
-# Paths for batch <= 16 (larger batches always dequantize + cuBLAS):
+MMA_KERNEL_BATCH = 32  # rows one mma launch takes (4 n-tiles of 8)
+MMA_MAX_BATCH = 64     # rows the mma path takes, in launches of MMA_KERNEL_BATCH
+# Paths for batch <= 16 (mma: <= 64; larger batches always dequantize + cuBLAS):
 #   "gemv": CUDA-core kernel, one warp per row (1x16g8, 1x16g16, 2x8g8, 1x8g8),
 #   "lut":  split-K look-up tables of x . codeword (2x8g8, 1x8g8; batch <= 4),
 #   "mma":  codewords decoded into tensor-core fragments (2x8g8, 1x8g8, 1x16g8, 1x16g16).
@@ -28,11 +30,13 @@ from aqlmkit.kernels import Backend, register_backend
 # whose batch bound covers the call and whose size floor the layer reaches wins. Chosen from
 # benchmarks/gpu_kernels.py on an H200 (results JSON, docs/NOTES_gpu.md): the LUT kernel's table
 # build and second launch cost more than they save on 4096x4096 at batch 1.
+# Batch 17..64 (serving): mma with 4 n-tiles (32 columns) per launch, 33..64 as two launches,
+# instead of dequantize + cuBLAS (benchmarks/gpu_fused.py, docs/NOTES_gpu.md).
 DISPATCH: dict[tuple[int, int, int], tuple[tuple[int, str, int], ...]] = {
-    (2, 8, 8): ((2, "lut", 1 << 25), (1, "gemv", 0), (16, "mma", 0)),
-    (1, 8, 8): ((1, "lut", 1 << 25), (1, "gemv", 0), (2, "lut", 1 << 27), (16, "mma", 0)),
-    (1, 16, 8): ((1, "gemv", 0), (16, "mma", 0)),
-    (1, 16, 16): ((2, "gemv", 0), (16, "mma", 0)),
+    (2, 8, 8): ((2, "lut", 1 << 25), (1, "gemv", 0), (MMA_MAX_BATCH, "mma", 0)),
+    (1, 8, 8): ((1, "lut", 1 << 25), (1, "gemv", 0), (2, "lut", 1 << 27), (MMA_MAX_BATCH, "mma", 0)),
+    (1, 16, 8): ((1, "gemv", 0), (MMA_MAX_BATCH, "mma", 0)),
+    (1, 16, 16): ((2, "gemv", 0), (MMA_MAX_BATCH, "mma", 0)),
 }
 GEMV_SCHEMES = ((2, 8, 8), (1, 8, 8), (1, 16, 8), (1, 16, 16))
 LUT_SCHEMES = ((2, 8, 8), (1, 8, 8))
@@ -163,7 +167,7 @@ def _matmul_op(name: str, doc: str):
 
 cuda_gemv = _matmul_op("gemv", "CUDA-core matmul, batch 1..16 (1x16g8/g16, 2x8g8, 1x8g8).")
 cuda_gemv_lut = _matmul_op("gemv_lut", "Split-K LUT matmul for 1x8g8/2x8g8 with int8 codes, batch 1..4.")
-cuda_gemm_mma = _matmul_op("gemm_mma", "Tensor-core matmul for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..16.")
+cuda_gemm_mma = _matmul_op("gemm_mma", "Tensor-core matmul for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..32.")
 _MATMUL_OPS = {"gemv": torch.ops.aqlmkit.cuda_gemv, "lut": torch.ops.aqlmkit.cuda_gemv_lut,
                "mma": torch.ops.aqlmkit.cuda_gemm_mma}  # path -> op, built once (decode hot path)
 
@@ -218,7 +222,7 @@ def applies(path: str, batch: int, codes: torch.Tensor, codebooks: torch.Tensor,
         return key in GEMV_SCHEMES and batch <= 16
     if path == "lut":
         return key in LUT_SCHEMES and code_ok and batch <= 4
-    return key in MMA_SCHEMES and code_ok and batch <= 16  # mma
+    return key in MMA_SCHEMES and code_ok and batch <= MMA_MAX_BATCH  # mma
 
 
 def default_path(batch: int, codes: torch.Tensor, codebooks: torch.Tensor, in_features: int,
@@ -264,7 +268,10 @@ def run(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: t
     sc = scales.reshape(-1).to(x.dtype).contiguous()
     b = None if bias is None else bias.to(x.dtype).contiguous()
     path = force or default_path(x2.shape[0], codes, codebooks, in_f)
-    if path in _MATMUL_OPS and x2.shape[0] > 0:
+    if path == "mma" and x2.shape[0] > MMA_KERNEL_BATCH:
+        y = torch.cat([_MATMUL_OPS[path](x2[i:i + MMA_KERNEL_BATCH], codes.contiguous(), cb, sc, b)
+                       for i in range(0, x2.shape[0], MMA_KERNEL_BATCH)])
+    elif path in _MATMUL_OPS and x2.shape[0] > 0:
         y = _MATMUL_OPS[path](x2, codes.contiguous(), cb, sc, b)
     else:
         w = torch.ops.aqlmkit.cuda_dequant(codes.contiguous(), cb, sc)
@@ -286,12 +293,14 @@ def run_group(x: torch.Tensor, layers, *, force: str | None = None) -> list[torc
     x2 = x.reshape(-1, in_f).contiguous()
     total = sum(int(c.shape[0]) for c, *_ in layers)
     path = force or default_path(x2.shape[0], codes0, cb0, in_f, out_features=total)
-    if path in GROUP_PATH_ID and x2.shape[0] > 0:
+    if path in GROUP_PATH_ID and 0 < x2.shape[0] <= (MMA_KERNEL_BATCH if path == "mma" else 16):
         ys = torch.ops.aqlmkit.cuda_group_matmul(
             GROUP_PATH_ID[path], x2, [c.contiguous() for c, *_ in layers],
             [cb.to(x.dtype).contiguous() for _, cb, *_ in layers],
             [sc.reshape(-1).to(x.dtype).contiguous() for _, _, sc, _ in layers],
             [None if b is None else b.to(x.dtype).contiguous() for *_, b in layers])
+    elif path in GROUP_PATH_ID:  # more rows than one launch takes: each layer on its own
+        ys = [run(x2, *layer, force=path) for layer in layers]
     else:
         ys = [run(x2, *layer, force="dequant") for layer in layers]
     return [y.reshape(*lead, y.shape[-1]) for y in ys]

@@ -61,7 +61,7 @@ class SiblingGroup:
                 or (m.bias is not None and m.bias.requires_grad) for m in self.layers)):
             return False
         rows = x.numel() // x.shape[-1]
-        if not 1 <= rows <= 16:
+        if not 1 <= rows <= 32:  # decode sizes (prefill: each layer dequantizes on its own)
             return False
         from aqlmkit import kernels
 
@@ -70,8 +70,12 @@ class SiblingGroup:
 
 
 def _version(x: torch.Tensor) -> int:
-    # torch.compile traces the whole step, where the input cannot change between the calls
-    return 0 if torch.compiler.is_compiling() else x._version
+    """x's version counter, so an in-place edit of x between the siblings' calls is noticed.
+    Traced steps (torch.compile) and inference tensors (torch.inference_mode) have none: there
+    the same tensor object between the back-to-back sibling calls is taken as the same input."""
+    if torch.compiler.is_compiling() or x.is_inference():
+        return -1
+    return x._version
 
 
 def _compatible(layers: Sequence[QuantizedLinear]) -> bool:

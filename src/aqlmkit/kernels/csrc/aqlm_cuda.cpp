@@ -126,7 +126,8 @@ cudaError_t lut_by_batch(const ac::GroupArgs& g, cudaStream_t s) {
 template <int DT, int K, int LOG2NB, int G>
 cudaError_t mma_by_batch(const ac::GroupArgs& g, cudaStream_t s) {
   if (g.s[0].batch <= 8) return ac::launch_gemm_mma<DT, K, LOG2NB, G, 1>(g, s);
-  return ac::launch_gemm_mma<DT, K, LOG2NB, G, 2>(g, s);
+  if (g.s[0].batch <= 16) return ac::launch_gemm_mma<DT, K, LOG2NB, G, 2>(g, s);
+  return ac::launch_gemm_mma<DT, K, LOG2NB, G, 4>(g, s);
 }
 
 template <int DT>
@@ -153,7 +154,7 @@ void add_layer(int path, ac::GroupArgs& g, int i, const at::Tensor& x, const at:
   const int64_t batch = x.size(0), in = x.size(1), out = codes.size(0);
   const int G = int(codebooks.size(3));
   TORCH_CHECK(in == codes.size(1) * G && in % 8 == 0, "aqlmkit cuda ", op, ": in_features mismatch");
-  TORCH_CHECK(batch >= 1 && batch <= (path == kLut ? 4 : 16), "aqlmkit cuda ", op,
+  TORCH_CHECK(batch >= 1 && batch <= (path == kLut ? 4 : path == kMma ? 32 : 16), "aqlmkit cuda ", op,
               ": batch out of range, got ", batch);
   if (path != kGemv) {
     TORCH_CHECK(reinterpret_cast<uintptr_t>(codebooks.data_ptr()) % 16 == 0, "aqlmkit cuda ", op,
@@ -178,7 +179,7 @@ void add_layer(int path, ac::GroupArgs& g, int i, const at::Tensor& x, const at:
 
 // ys[i] = x @ W_i^T * scales_i + bias_i for up to 3 layers sharing x [batch, in] (q/k/v, gate/up)
 // in one launch; `path` 0 gemv (batch <= 16), 1 split-K LUT (1x8g8/2x8g8, batch <= 4), 2
-// tensor-core mma (batch <= 16). Every layer has the same scheme and in_features.
+// tensor-core mma (batch <= 32). Every layer has the same scheme and in_features.
 std::vector<at::Tensor> group_matmul(int64_t path, const at::Tensor& x,
                                      const std::vector<at::Tensor>& codes,
                                      const std::vector<at::Tensor>& codebooks,
@@ -251,7 +252,7 @@ at::Tensor gemv_lut(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   return single(kLut, x, codes, codebooks, scales, bias);
 }
 
-// Tensor-core variant (aqlm_cuda_mma.cuh) for 2x8g8, 1x8g8, 1x16g8, 1x16g16, batch 1..16: same
+// Tensor-core variant (aqlm_cuda_mma.cuh) for 2x8g8, 1x8g8, 1x16g8, 1x16g16, batch 1..32: same
 // contract as gemv.
 at::Tensor gemm_mma(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebooks,
                     const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {

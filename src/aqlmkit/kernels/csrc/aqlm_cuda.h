@@ -69,7 +69,7 @@ inline int lut_num_splits(int in_features, int K, int batch) {
 template <int DT, int K, int BMAX>
 cudaError_t launch_gemv_lut(const GroupArgs& g, cudaStream_t stream);
 
-// Tensor-core kernel (aqlm_cuda_mma.cuh) for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..8*NT: partials of
+// Tensor-core kernel (aqlm_cuda_mma.cuh) for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..8*NT (NT 1, 2, 4): partials of
 // mma_num_splits(in) * batch * out floats (fully overwritten), summed by the split-K epilogue.
 constexpr int mma_num_splits(int in_features) { return ((in_features / 8 + 31) / 32 + 7) / 8; }
 template <int DT, int K, int LOG2NB, int G, int NT>

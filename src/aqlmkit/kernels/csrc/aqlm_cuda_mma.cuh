@@ -118,8 +118,10 @@ __device__ __forceinline__ uint4 decode_unit(const RC& rc, int j, const uint4* c
 }
 
 // grid (span blocks, row groups), kMmaThreads threads; NT n-tiles of 8 batch columns.
+// NT <= 2 fits 128 registers (2 blocks/SM); NT = 4 (batch 17..32) keeps 32 x fragments of 4
+// registers each and runs 1 block/SM.
 template <int DT, int K, int LOG2NB, int G, int NT>
-__global__ void __launch_bounds__(kMmaThreads, 2)
+__global__ void __launch_bounds__(kMmaThreads, NT >= 4 ? 1 : 2)
     mma_kernel(GroupArgs grp) {
   const GemvArgs a = pick(grp);
   float* __restrict__ part = pick_part(grp);
@@ -253,6 +255,8 @@ cudaError_t launch_gemm_mma(const GroupArgs& g, cudaStream_t stream) {
   namespace aqlmkit_cuda {                                                                         \
   template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t); \
   template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 2>(const GroupArgs&, cudaStream_t); \
+  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t); \
   template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t); \
   template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 2>(const GroupArgs&, cudaStream_t); \
+  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t); \
   }
