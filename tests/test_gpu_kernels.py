@@ -252,3 +252,19 @@ def test_default_paths_all_batches():
             path = kc.default_path(batch, layer[0], layer[1], 1040)
             assert kc.applies(path, batch, layer[0], layer[1], 1040)
             check(kc.run(x, *layer), ref32(x, *layer), torch.float16)
+
+
+@pytest.mark.parametrize("scheme", ["2x8g8", "1x8g8", "1x16g8", "1x16g16"])
+def test_mma_four_ntile_kernel(scheme, monkeypatch):
+    """MMA_KERNEL_BATCH = 32: batch 17..32 in one launch of the 4-n-tile kernel, 33..64 in two."""
+    from aqlmkit.kernels import cuda as kc
+
+    monkeypatch.setattr(kc, "MMA_KERNEL_BATCH", 32)
+    for si, (out_f, in_f) in enumerate([(700, 2048), (333, 1552), (24, 4112)]):
+        if in_f % SCHEMES[scheme][2]:
+            continue
+        for batch in (17, 24, 32, 47, 64):
+            for dtype in (torch.float16, torch.bfloat16):
+                layer = make_layer(scheme, out_f, in_f, dtype, seed=5 * si + batch, bias=batch % 2 == 0)
+                x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+                check(kc.run(x, *layer, force="mma"), ref32(x, *layer), dtype)

@@ -20,9 +20,13 @@ import torch.nn.functional as F
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.kernels import Backend, register_backend
 
-MMA_KERNEL_BATCH = 32  # rows one mma launch takes (4 n-tiles of 8)
-MMA_MAX_BATCH = 64     # rows the mma path takes, in launches of MMA_KERNEL_BATCH
-# Paths for batch <= 16 (mma: <= 64; larger batches always dequantize + cuBLAS):
+# Rows per mma launch; more rows run as several launches (each decodes the weight again). 16 is
+# the 2-n-tile kernel measured on the H200; 32 selects the 4-n-tile kernel (batch 17..32 in one
+# launch), which is built and tested but not yet measured on a GPU (docs/NOTES_gpu.md): set
+# MMA_KERNEL_BATCH = 32 once benchmarks/gpu_fused.py shows it beating the 16-row launches.
+MMA_KERNEL_BATCH = 16
+MMA_MAX_BATCH = 64  # rows the mma path takes at all (forced or from DISPATCH)
+# Paths for batch <= 16 (mma up to 64 rows when forced; above the table: dequantize + cuBLAS):
 #   "gemv": CUDA-core kernel, one warp per row (1x16g8, 1x16g16, 2x8g8, 1x8g8),
 #   "lut":  split-K look-up tables of x . codeword (2x8g8, 1x8g8; batch <= 4),
 #   "mma":  codewords decoded into tensor-core fragments (2x8g8, 1x8g8, 1x16g8, 1x16g16).
@@ -30,13 +34,13 @@ MMA_MAX_BATCH = 64     # rows the mma path takes, in launches of MMA_KERNEL_BATC
 # whose batch bound covers the call and whose size floor the layer reaches wins. Chosen from
 # benchmarks/gpu_kernels.py on an H200 (results JSON, docs/NOTES_gpu.md): the LUT kernel's table
 # build and second launch cost more than they save on 4096x4096 at batch 1.
-# Batch 17..64 (serving): mma with 4 n-tiles (32 columns) per launch, 33..64 as two launches,
-# instead of dequantize + cuBLAS (benchmarks/gpu_fused.py, docs/NOTES_gpu.md).
+# 2x8g8 at 17..32 rows on layers of >= 2^25 weights: two 16-row mma launches beat dequantize +
+# cuBLAS 1.4-1.7x (11008x4096, 28672x8192; 4096x4096 ties; 33..64 rows lose), gpu_fused.py.
 DISPATCH: dict[tuple[int, int, int], tuple[tuple[int, str, int], ...]] = {
-    (2, 8, 8): ((2, "lut", 1 << 25), (1, "gemv", 0), (MMA_MAX_BATCH, "mma", 0)),
-    (1, 8, 8): ((1, "lut", 1 << 25), (1, "gemv", 0), (2, "lut", 1 << 27), (MMA_MAX_BATCH, "mma", 0)),
-    (1, 16, 8): ((1, "gemv", 0), (MMA_MAX_BATCH, "mma", 0)),
-    (1, 16, 16): ((2, "gemv", 0), (MMA_MAX_BATCH, "mma", 0)),
+    (2, 8, 8): ((2, "lut", 1 << 25), (1, "gemv", 0), (16, "mma", 0), (32, "mma", 1 << 25)),
+    (1, 8, 8): ((1, "lut", 1 << 25), (1, "gemv", 0), (2, "lut", 1 << 27), (16, "mma", 0)),
+    (1, 16, 8): ((1, "gemv", 0), (16, "mma", 0)),
+    (1, 16, 16): ((2, "gemv", 0), (16, "mma", 0)),
 }
 GEMV_SCHEMES = ((2, 8, 8), (1, 8, 8), (1, 16, 8), (1, 16, 16))
 LUT_SCHEMES = ((2, 8, 8), (1, 8, 8))

@@ -61,7 +61,7 @@ class SiblingGroup:
                 or (m.bias is not None and m.bias.requires_grad) for m in self.layers)):
             return False
         rows = x.numel() // x.shape[-1]
-        if not 1 <= rows <= 32:  # decode sizes (prefill: each layer dequantizes on its own)
+        if not 1 <= rows <= 16:  # decode sizes (prefill: each layer dequantizes on its own)
             return False
         from aqlmkit import kernels
 

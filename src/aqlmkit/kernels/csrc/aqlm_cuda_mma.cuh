@@ -251,12 +251,19 @@ cudaError_t launch_gemm_mma(const GroupArgs& g, cudaStream_t stream) {
 
 }  // namespace aqlmkit_cuda
 
+#ifdef AQLMKIT_ARCH_SWEEP  // see aqlm_cuda_kernels.cuh: smallest and largest batch bound only
+#define AQLMKIT_MMA_MID(DT, K, LOG2NB, G)
+#else
+#define AQLMKIT_MMA_MID(DT, K, LOG2NB, G) \
+  template cudaError_t launch_gemm_mma<DT, K, LOG2NB, G, 2>(const GroupArgs&, cudaStream_t);
+#endif
+
 #define AQLMKIT_INSTANTIATE_MMA(K, LOG2NB, G)                                                  \
-  namespace aqlmkit_cuda {                                                                         \
-  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 2>(const GroupArgs&, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 2>(const GroupArgs&, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t); \
+  namespace aqlmkit_cuda {                                                                     \
+  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t);    \
+  AQLMKIT_MMA_MID(0, K, LOG2NB, G)                                                             \
+  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t);    \
+  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t);    \
+  AQLMKIT_MMA_MID(1, K, LOG2NB, G)                                                             \
+  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t);    \
   }
