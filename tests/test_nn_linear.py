@@ -129,7 +129,7 @@ def test_op_gradients_match_reference_autograd(scheme, out_f, in_f):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("scheme,out_f,in_f", [("2x8g8", 24, 64), ("1x16g8", 8, 32), ("3x6g2o2", 6, 10)])
+@pytest.mark.parametrize("scheme,out_f,in_f", [("2x8g8", 24, 64), ("3x6g2o2", 6, 10)])
 def test_opcheck_aqlm_linear_cpu(scheme, out_f, in_f):
     """Schema, fake impl, autograd registration and AOT dispatch (dynamic shapes) of the op."""
     x, codes, cb, sc, bias = _op_inputs(scheme, out_f, in_f, seed=3)
