@@ -5,8 +5,8 @@ imported. They are imported lazily on the first call so that importing aqlmkit n
 anything. The pure-PyTorch reference is the last resort, and ``AQLMKIT_KERNEL=reference|cpu|cuda``
 forces one (a forced backend that cannot run the case raises instead of silently falling back).
 
-Environment variables are read once, at import (reading os.environ on every call cost ~0.5 us a
-layer at decode); tests and tools that change them call :func:`reload_settings`.
+Environment variables are read once, at import (not an os.environ lookup per layer per token on
+the decode hot path); tests and tools that change them call :func:`reload_settings`.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def aqlm_linear(
 
     When autograd needs this call (LoRA inputs, tuned codebooks/scales) it goes through the
     ``aqlmkit::aqlm_linear`` op (:mod:`aqlmkit.kernels.op`): the same fast forward, plus a
-    backward; otherwise straight to the backend, skipping the op's ~10 us of Python dispatch."""
+    backward; otherwise straight to the backend, skipping the custom op's Python dispatch layer."""
     if _needs_grad(x, codebooks, scales, bias):
         return torch.ops.aqlmkit.aqlm_linear(x, codes, codebooks, scales, bias)
     return dispatch(x, codes, codebooks, scales, bias)
