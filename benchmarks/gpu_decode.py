@@ -117,8 +117,12 @@ def kernel_census(model: nn.Module, tok: torch.Tensor, pos: torch.Tensor, top: i
 
 @torch.inference_mode()
 def tokens_per_s(scheme: str | None, steps: int, compile_step: bool = False,
-                 census: dict | None = None) -> float:
+                 census: dict | None = None, fuse: bool = False) -> float:
     model = Model(scheme)
+    if fuse:  # q/k/v and gate/up as one launch each (aqlmkit.nn.fused)
+        from aqlmkit.nn.fused import fuse_siblings
+
+        assert fuse_siblings(model, groups=(("q", "k", "v"), ("gate", "up"))) == 2 * LAYERS
     if compile_step:  # the whole step as one graph; fullgraph: a graph break is an error
         model.step = torch.compile(model.step, fullgraph=True, dynamic=False)
     tok = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -152,7 +156,8 @@ def tokens_per_s(scheme: str | None, steps: int, compile_step: bool = False,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--schemes", default="2x8g8,1x16g8")
+    ap.add_argument("--schemes", default="2x8g8,2x8g8+fused,1x16g8,1x16g8+fused",
+                    help="comma list; NAME+fused groups q/k/v and gate/up into one launch each")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--compile", action="store_true", help="also time a torch.compile'd step")
     ap.add_argument("--census", action="store_true", help="profile one step: kernels launched")
@@ -165,8 +170,15 @@ def main() -> None:
         res, census = {}, {}
         for sch in ["fp16", *args.schemes.split(",")]:
             census[sch] = {}
-            res[sch] = tokens_per_s(None if sch == "fp16" else sch, args.steps, mode == "compiled",
-                                    census[sch] if args.census else None)
+            base, fuse = sch.removesuffix("+fused"), sch.endswith("+fused")
+            try:
+                res[sch] = tokens_per_s(None if sch == "fp16" else base, args.steps, mode == "compiled",
+                                        census[sch] if args.census else None, fuse=fuse)
+            except Exception as e:  # noqa: BLE001 - record the failure, keep measuring the rest
+                print(f"[{mode}] {sch} FAILED: {type(e).__name__}: {str(e)[:600]}", flush=True)
+                data.setdefault("failures", {})[f"{mode}/{sch}"] = f"{type(e).__name__}: {str(e)[:600]}"
+                res[sch] = float("nan")
+                continue
             print(f"[{mode}] {sch}: {res[sch]:.1f} tok/s = {res[sch] / res['fp16']:.2f}x fp16", flush=True)
             if args.census:
                 print(f"    one step: {census[sch]['kernels']} kernels, {census[sch]['us']} us of "

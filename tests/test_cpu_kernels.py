@@ -207,10 +207,16 @@ def test_cached_linear_repacks_when_parameters_change(monkeypatch):
         check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
         layer.scales.data = scales * 3  # new storage
         check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
-        monkeypatch.setenv("AQLMKIT_KERNEL", "reference")  # the select cache honours the env
-        assert kernels.select(x, layer.codes, layer.codebooks) == "reference"
-        check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
-        monkeypatch.setenv("AQLMKIT_KERNEL", "cpu")
+        monkeypatch.setenv("AQLMKIT_KERNEL", "reference")  # read once: not seen until reloaded
+        assert kernels.select(x, layer.codes, layer.codebooks) == "cpu"
+        try:
+            kernels.reload_settings()  # the select and layer caches honour the new value
+            assert kernels.select(x, layer.codes, layer.codebooks) == "reference"
+            check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+            assert layer._kernel_cache["entry"][1] == "reference"
+        finally:
+            monkeypatch.undo()
+            kernels.reload_settings()
         assert kernels.select(x, layer.codes, layer.codebooks) == "cpu"
 
 
@@ -259,3 +265,60 @@ def test_packed_lut_split_across_threads(scheme, out_f, in_f):
     for y in ys:  # fp32 sums in another order: equal to ~1e-6 of the largest output
         check(y, x, codes, cb, scales, bias)
         assert (y - ys[0]).abs().max() / ys[0].abs().max() < 2e-6
+
+
+def _fresh_layer():
+    from aqlmkit.nn import QuantizedLinear
+
+    codes, cb, scales, bias = make_layer("2x8g8", 40, 64, cb_dtype=torch.float32, seed=2)
+    layer = QuantizedLinear(64, 40, "2x8g8", bias=True)
+    for name, t in (("codes", codes), ("codebooks", cb), ("scales", scales), ("bias", bias)):
+        getattr(layer, name).data = t.clone()
+    return layer
+
+
+def _check_layer(layer, x):
+    with torch.no_grad():
+        check(layer(x), x, layer.codes, layer.codebooks, layer.scales, layer.bias)
+
+
+def test_cache_not_stale_after_data_assignment_reusing_the_address():
+    """PV-tuning assigns ``layer.codes.data = new``: even when the allocator hands the new codes
+    the freed address of the old ones (same size, same version counter), the cache repacks."""
+    x = torch.randn(1, 64)
+    reused = 0
+    for trial in range(20):
+        layer = _fresh_layer()
+        _check_layer(layer, x)  # packs
+        old_ptr = layer.codes.data_ptr()
+        layer.codes.data = torch.zeros_like(layer.codes)  # the old codes' storage is released...
+        new = torch.randint(-128, 128, layer.codes.shape, dtype=torch.int8,
+                            generator=torch.Generator().manual_seed(trial))
+        layer.codes.data = new  # ...and the new ones may land at its address
+        reused += new.data_ptr() == old_ptr
+        _check_layer(layer, x)
+    assert reused == 0  # the cache pins the storage it packed from: the address cannot recur
+
+
+def test_cache_follows_every_parameter_write():
+    x = torch.randn(2, 64)
+    layer = _fresh_layer()
+    _check_layer(layer, x)
+    sd = {k: v.clone() for k, v in _fresh_layer().state_dict().items()}
+    sd["codebooks"] = sd["codebooks"] * -1.5
+    layer.load_state_dict(sd)  # copy_ into the same storage
+    assert torch.equal(layer.codebooks, sd["codebooks"])
+    _check_layer(layer, x)
+    with torch.no_grad():
+        layer.scales.copy_(layer.scales * 2)
+    _check_layer(layer, x)
+    layer.codebooks = torch.nn.Parameter(layer.codebooks * 0.5, requires_grad=False)  # new object
+    _check_layer(layer, x)
+    layer.double().float()  # _apply: new storages
+    _check_layer(layer, x)
+    layer.codes.data.copy_(torch.randint(-128, 128, layer.codes.shape, dtype=torch.int8))
+    layer.invalidate_kernel_cache()  # the one write PyTorch's version counter does not see
+    _check_layer(layer, x)
+    layer.codes.data.mul_(-1)
+    kernels.invalidate_caches(layer)
+    _check_layer(layer, x)

@@ -1,4 +1,4 @@
-"""Compile the CUDA sources with nvcc for sm_80 and sm_90 on a machine without a GPU (CI).
+"""Compile the CUDA sources with nvcc for every GPU arch users have, on a machine without a GPU (CI).
 
 Why: the kernels can only run on a GPU, but compile errors, register spills and binding mistakes
 show up here; this keeps a broken .cu from reaching the (scarce) GPU runs. The .cu files are
@@ -15,11 +15,14 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
+from aqlmkit.errors import AqlmkitError
 from aqlmkit.kernels import cuda as kcuda
 from aqlmkit.kernels._build import CSRC
 
 NVCC = shutil.which("nvcc")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
 
 
 def cuda_home() -> Path:
@@ -40,26 +43,98 @@ def torch_includes() -> list[str]:
         return include_paths(False)
 
 
-def compile_cu(src: Path, out: Path) -> subprocess.CompletedProcess:
+def newest_arch() -> int:
+    """The newest compute capability this nvcc targets (`nvcc --list-gpu-arch`, e.g. 121)."""
+    r = subprocess.run([NVCC, "--list-gpu-arch"], capture_output=True, text=True, timeout=60)
+    archs = [int(a.split("_")[1]) for a in r.stdout.split() if a.startswith("compute_")
+             and a.split("_")[1].isdigit()]
+    assert archs, r.stdout + r.stderr
+    return max(archs)
+
+
+def compile_cu(src: Path, out: Path, arch: int, sweep: bool) -> subprocess.CompletedProcess:
     inc = [f"-I{p}" for p in [str(CSRC), *torch_includes()]]
-    cmd = [NVCC, "-c", str(src), "-o", str(out), "-Xptxas=-v", *kcuda.CUDA_FLAGS, *inc]
+    cmd = [NVCC, "-c", str(src), "-o", str(out), "-Xptxas=-v", *kcuda.cuda_flags([arch]), *inc,
+           *(["-DAQLMKIT_ARCH_SWEEP"] if sweep else [])]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def test_cu_sources_compile_for_sm80_and_sm90(tmp_path):
-    assert "-gencode=arch=compute_80,code=sm_80" in kcuda.CUDA_FLAGS
-    assert "-gencode=arch=compute_90,code=sm_90" in kcuda.CUDA_FLAGS
-    sources = [CSRC / s for s in kcuda.SOURCES if s.endswith(".cu")]
-    assert len(sources) >= 5
+def compile_all(jobs, tmp_path, sweep: bool = False) -> None:
+    """Compile (source, arch) pairs in parallel; no errors, and no spill over 64 bytes."""
+    def one(job):
+        src, arch = job
+        out = tmp_path / f"{src.stem}_sm{arch}.o"
+        return compile_cu(src, out, arch, sweep), out
+
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(lambda s: compile_cu(s, tmp_path / (s.stem + ".o")), sources))
-    for src, r in zip(sources, results):
-        assert r.returncode == 0, f"{src.name} failed to compile:\n{r.stderr[-4000:]}"
-        assert (tmp_path / (src.stem + ".o")).stat().st_size > 0
+        results = list(pool.map(one, jobs))
+    for (src, arch), (r, out) in zip(jobs, results):
+        assert r.returncode == 0, f"{src.name} failed to compile for sm_{arch}:\n{r.stderr[-4000:]}"
+        assert out.stat().st_size > 0
         spills = [ln for ln in r.stderr.splitlines() if "spill stores" in ln
                   and not ln.strip().startswith("0 bytes stack frame, 0 bytes spill")]
         big = [ln for ln in spills if int(ln.split("bytes spill stores")[0].split(",")[-1]) > 64]
-        assert not big, f"{src.name}: register spills over 64 bytes:\n" + "\n".join(big)
+        assert not big, f"{src.name} sm_{arch}: register spills over 64 bytes:\n" + "\n".join(big)
+
+
+CU_SOURCES = [CSRC / s for s in kcuda.SOURCES if s.endswith(".cu")]
+# One file of each kernel family (their other files instantiate the same templates for another
+# scheme) for every other arch users have: T4 (75), A100 (80), RTX 30 (86), RTX 40/L4 (89) and
+# the newest nvcc offers (its PTX is what forward compatibility rests on); sm_90 (H100/H200)
+# compiles everything below. The sweep instantiates each dtype's smallest and largest batch
+# bound only (AQLMKIT_ARCH_SWEEP), to keep the CI cost near 1.5 min on 2 cores.
+FAMILY_SOURCES = ["aqlm_cuda_gemv_2x8g8.cu", "aqlm_cuda_lut_2x8g8.cu", "aqlm_cuda_mma_2x8g8.cu",
+                  "aqlm_cuda_dequant.cu"]
+USER_ARCHS = [75, 80, 86, 89]
+
+
+@needs_nvcc
+def test_every_kernel_family_compiles_for_every_user_arch(tmp_path):
+    archs = USER_ARCHS + [newest_arch()]
+    assert {CSRC / s for s in FAMILY_SOURCES} <= set(CU_SOURCES)
+    compile_all([(CSRC / s, a) for a in archs for s in FAMILY_SOURCES], tmp_path, sweep=True)
+
+
+@needs_nvcc
+def test_all_sources_compile_for_hopper(tmp_path):
+    """Every source with every instantiation for sm_90 (the arch the benchmarks run on)."""
+    assert len(CU_SOURCES) >= 11
+    compile_all([(s, 90) for s in CU_SOURCES], tmp_path)
+
+
+def test_gencode_flags_cover_present_gpus_plus_ptx(monkeypatch):
+    assert kcuda.gencode_flags([90, 75, 90]) == (
+        "-gencode=arch=compute_75,code=sm_75", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90")
+    monkeypatch.setenv("AQLMKIT_CUDA_ARCHS", "8.6;7.5;61")
+    assert kcuda.build_archs() == (75, 86)  # sm_61 is older than nvcc 13 builds for
+    monkeypatch.setenv("AQLMKIT_CUDA_ARCHS", "6.1")
+    with pytest.raises(AqlmkitError, match="7.5 or newer"):
+        kcuda.build_archs()
+    monkeypatch.setenv("AQLMKIT_CUDA_ARCHS", "sm90")
+    with pytest.raises(AqlmkitError, match="AQLMKIT_CUDA_ARCHS"):
+        kcuda.build_archs()
+
+
+@pytest.mark.parametrize("cc", [75, 80, 86, 90, 120])
+def test_dispatch_offers_only_paths_the_arch_has(cc, monkeypatch):
+    """On sm_75 no lut/mma (m16n8k16 and > 64 KB of shared memory need sm_80): gemv or dequant."""
+    monkeypatch.setattr(kcuda, "device_cc", lambda index=None: cc)
+    monkeypatch.setattr(kcuda, "_PATH_ENV", "")
+    for key in kcuda.DISPATCH:
+        k, b, g = key
+        codebooks = torch.zeros(k, 1 << b, 1, g, device="meta")
+        for out_f, in_f in ((4096, 4096), (28672, 8192)):
+            codes = torch.zeros(out_f, in_f // g, k, dtype=torch.int8 if b <= 8 else torch.int16,
+                                device="meta")
+            for batch in (1, 2, 4, 8, 16, 17, 64):
+                path = kcuda.default_path(batch, codes, codebooks, in_f)
+                assert cc >= kcuda.MIN_CC[path], (key, batch, path)
+                assert kcuda.applies(path, batch, codes, codebooks, in_f)
+                if cc >= 80 and batch <= 16:
+                    assert path != "dequant"  # the tuned table still applies where it can
+                if cc < 80 and batch <= 16:
+                    assert path in ("gemv", "dequant")
 
 
 # Minimal stand-ins for the two c10/cuda headers the binding uses, for CPU-only torch wheels
@@ -73,6 +148,7 @@ STUB_HEADERS = {
 }
 
 
+@needs_nvcc
 def test_binding_compiles(tmp_path):
     """g++ syntax check of the torch binding against torch's and CUDA's headers."""
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")

@@ -227,7 +227,7 @@ def test_mma_kernel_matches_reference(scheme, dtype):
     for si, (out_f, in_f) in enumerate(MMA_SHAPES):
         if in_f % SCHEMES[scheme][2]:
             continue
-        for batch in (1, 2, 5, 8, 9, 16):
+        for batch in (1, 2, 5, 8, 9, 16, 17, 32, 47):  # 17..32: 4 n-tiles; 47: two launches
             layer = make_layer(scheme, out_f, in_f, dtype, seed=17 * si + batch,
                                bias=(si + batch) % 2 == 1)
             x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
@@ -242,13 +242,29 @@ def test_mma_unaligned_codes_and_determinism(scheme):
 
 
 def test_default_paths_all_batches():
-    """Whatever DISPATCH picks for each scheme and batch 1..16 matches the reference."""
+    """Whatever DISPATCH picks for each scheme and batch 1..64 matches the reference."""
     from aqlmkit.kernels import cuda as kc
 
     for scheme in ("2x8g8", "1x8g8", "1x16g8", "1x16g16"):
         layer = make_layer(scheme, 264, 1040, torch.float16, seed=23, bias=False)
-        for batch in range(1, 17):
+        for batch in [*range(1, 18), 24, 31, 32, 33, 64, 65]:
             x = torch.randn(batch, 1040, device="cuda", dtype=torch.float16)
             path = kc.default_path(batch, layer[0], layer[1], 1040)
             assert kc.applies(path, batch, layer[0], layer[1], 1040)
             check(kc.run(x, *layer), ref32(x, *layer), torch.float16)
+
+
+@pytest.mark.parametrize("scheme", ["2x8g8", "1x8g8", "1x16g8", "1x16g16"])
+def test_mma_four_ntile_kernel(scheme, monkeypatch):
+    """MMA_KERNEL_BATCH = 32: batch 17..32 in one launch of the 4-n-tile kernel, 33..64 in two."""
+    from aqlmkit.kernels import cuda as kc
+
+    monkeypatch.setattr(kc, "MMA_KERNEL_BATCH", 32)
+    for si, (out_f, in_f) in enumerate([(700, 2048), (333, 1552), (24, 4112)]):
+        if in_f % SCHEMES[scheme][2]:
+            continue
+        for batch in (17, 24, 32, 47, 64):
+            for dtype in (torch.float16, torch.bfloat16):
+                layer = make_layer(scheme, out_f, in_f, dtype, seed=5 * si + batch, bias=batch % 2 == 0)
+                x = torch.randn(batch, in_f, device="cuda", dtype=dtype)
+                check(kc.run(x, *layer, force="mma"), ref32(x, *layer), dtype)

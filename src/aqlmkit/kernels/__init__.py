@@ -4,11 +4,15 @@ Backends live one per file (``cpu.py``, ``cuda.py``) and register a :class:`Back
 imported. They are imported lazily on the first call so that importing aqlmkit never compiles
 anything. The pure-PyTorch reference is the last resort, and ``AQLMKIT_KERNEL=reference|cpu|cuda``
 forces one (a forced backend that cannot run the case raises instead of silently falling back).
+
+Environment variables are read once, at import (not an os.environ lookup per layer per token on
+the decode hot path); tests and tools that change them call :func:`reload_settings`.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -44,6 +48,39 @@ _BACKEND_MODULES = ("aqlmkit.kernels.cpu", "aqlmkit.kernels.cuda")
 _SELECTED: dict[tuple, str] = {}  # select() answers; depend only on the key's properties
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The kernel environment, read once: ``AQLMKIT_KERNEL`` forces a backend ("" = fastest)."""
+
+    kernel: str
+
+
+def _read_settings() -> Settings:
+    return Settings(kernel=os.environ.get("AQLMKIT_KERNEL", "").strip().lower())
+
+
+_SETTINGS = _read_settings()
+
+
+def settings() -> Settings:
+    return _SETTINGS
+
+
+def reload_settings() -> Settings:
+    """Re-read AQLMKIT_KERNEL (and each loaded backend's own variables, e.g. AQLMKIT_CUDA_PATH,
+    AQLMKIT_CPU_LUT_MAX_ROWS) and forget cached choices. For tests and tools that change the
+    environment after import; nothing calls it on a hot path."""
+    global _SETTINGS
+    _SETTINGS = _read_settings()
+    _SELECTED.clear()
+    _HALF_KERNEL.clear()
+    for mod in _BACKEND_MODULES:
+        reload = getattr(sys.modules.get(mod), "reload_settings", None)
+        if reload is not None:
+            reload()
+    return _SETTINGS
+
+
 def register_backend(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
     _SELECTED.clear()
@@ -74,7 +111,7 @@ def select(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> str
     whether autograd is needed, AQLMKIT_KERNEL): at batch-1 decode this runs ~200 times per token
     and sorting/probing the backends each time cost more than a small layer's kernel.
     """
-    forced = os.environ.get("AQLMKIT_KERNEL", "")
+    forced = _SETTINGS.kernel
     if torch.compiler.is_compiling():
         return _select(x, codes, codebooks, forced)
     grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
@@ -103,6 +140,14 @@ def _select(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, force
     return "reference"
 
 
+def _needs_grad(x: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return (x.requires_grad or codebooks.requires_grad or scales.requires_grad
+            or (bias is not None and bias.requires_grad))
+
+
 def aqlm_linear(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -110,11 +155,32 @@ def aqlm_linear(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ dequantize(codes, codebooks, scales)^T + bias with the best available kernel."""
+    """y = x @ dequantize(codes, codebooks, scales)^T + bias with the best available kernel.
+
+    When autograd needs this call (LoRA inputs, tuned codebooks/scales) it goes through the
+    ``aqlmkit::aqlm_linear`` op (:mod:`aqlmkit.kernels.op`): the same fast forward, plus a
+    backward; otherwise straight to the backend, skipping the custom op's Python dispatch layer."""
+    if _needs_grad(x, codebooks, scales, bias):
+        return torch.ops.aqlmkit.aqlm_linear(x, codes, codebooks, scales, bias)
+    return dispatch(x, codes, codebooks, scales, bias)
+
+
+def dispatch(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward only: the backend :func:`select` names (each backend then picks its path from the
+    row count, e.g. CPU LUT for <= 8 rows, CUDA mma for <= 16, dequantize + GEMM above)."""
     name = select(x, codes, codebooks)
     if name == "reference":
         return reference.aqlm_linear(x, codes, codebooks, scales, bias)
     return _BACKENDS[name].run(x, codes, codebooks, scales, bias)
+
+
+def _operand_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies a parameter's current contents without reading them: the tensor object,
+    its storage address, version counter, shape, strides, dtype and device."""
+    if t is None:
+        return None
+    return (id(t), t.data_ptr(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
 def aqlm_linear_cached(
@@ -128,21 +194,28 @@ def aqlm_linear_cached(
     """:func:`aqlm_linear` that keeps the backend's packed operands for this layer in ``cache``.
 
     At batch-1 decode a layer's kernel takes ~10-40 us, so a few us of Python per call matter:
-    the backend choice and the packed operands are looked up with one tuple compare. The key holds
-    the parameters' storage pointers and version counters, so moving a layer, loading a state dict
-    or editing a tensor in place repacks instead of using stale data; it also holds the input's
-    dtype/device, AQLMKIT_KERNEL and whether autograd is needed, the inputs of :func:`select`.
-    Under ``torch.compile`` the key (storage pointers, version counters) cannot be traced, so the
-    entry an eager call left in ``cache`` is used as is; without one this is :func:`aqlm_linear`.
+    the backend choice and the packed operands are looked up with one tuple compare. Why it
+    cannot serve stale operands: the key holds each parameter's object identity, storage address,
+    version counter, shape, strides, dtype and device, and the entry keeps a detached alias of
+    every parameter it was packed from, so the old storage stays allocated and its address cannot
+    be handed to a new tensor (``layer.codes.data = new`` therefore always changes the address;
+    ``copy_``, in-place edits and ``load_state_dict`` bump the version; ``.to()`` and parameter
+    reassignment change identity or address). The one write PyTorch does not record is an
+    in-place edit through a ``.data`` alias (``p.data.copy_(...)``: no version bump on the same
+    storage); :class:`QuantizedLinear` clears its cache in ``_apply``/``load_state_dict``, and code
+    that writes through ``.data`` must call :func:`invalidate_caches`. The key also holds the
+    input's dtype/device and whether autograd is needed, the inputs of :func:`select`.
+    Under ``torch.compile`` the key cannot be traced, so the entry an eager call left in ``cache``
+    is used as is; without one this is :func:`aqlm_linear`.
     """
+    if _needs_grad(x, codebooks, scales, bias):
+        return torch.ops.aqlmkit.aqlm_linear(x, codes, codebooks, scales, bias)
     if torch.compiler.is_compiling():
         return _run_cached_entry(cache.get("entry"), x, codes, codebooks, scales, bias)
-    grad = torch.is_grad_enabled() and (x.requires_grad or codebooks.requires_grad)
+    grad = False
     try:
-        key = (os.environ.get("AQLMKIT_KERNEL", ""), x.dtype, x.device, grad,
-               codes.data_ptr(), codes._version, codebooks.data_ptr(), codebooks._version,
-               scales.data_ptr(), scales._version,
-               None if bias is None else (bias.data_ptr(), bias._version))
+        key = (_SETTINGS.kernel, x.dtype, x.device, grad, _operand_key(codes),
+               _operand_key(codebooks), _operand_key(scales), _operand_key(bias))
     except RuntimeError:  # parameters created under inference_mode have no version counter
         return aqlm_linear(x, codes, codebooks, scales, bias)
     entry = cache.get("entry")
@@ -152,14 +225,28 @@ def aqlm_linear_cached(
         packed = None
         if backend is not None and backend.pack is not None and backend.run_packed is not None:
             packed = backend.pack(codes, codebooks, scales, bias)
-        entry = (key, name, backend, packed)
+        pins = tuple(None if t is None else t.detach() for t in (codes, codebooks, scales, bias))
+        entry = (key, name, backend, packed, pins)
         cache["entry"] = entry
-    _, name, backend, packed = entry
+    _, name, backend, packed, _ = entry
     if backend is None:
         return reference.aqlm_linear(x, codes, codebooks, scales, bias)
     if backend.run_packed is None:
         return backend.run(x, codes, codebooks, scales, bias)
     return backend.run_packed(packed, x, codes, codebooks, scales, bias)
+
+
+def invalidate_caches(module: torch.nn.Module | None = None) -> None:
+    """Drop packed kernel operands (of every layer under ``module``) and the backend choices.
+
+    Needed only after writing a parameter in place through a ``.data`` alias, the one edit
+    PyTorch's version counter does not see; every other edit repacks on its own."""
+    _SELECTED.clear()
+    if module is not None:
+        for m in module.modules():
+            cache = getattr(m, "_kernel_cache", None)
+            if isinstance(cache, dict):
+                cache.clear()
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -192,7 +279,7 @@ def _half_kernel_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def half_kernel_available() -> bool:
     """Whether CPU calls of :func:`half_linear` use the fast op (builds the CPU extension once)."""
-    if os.environ.get("AQLMKIT_KERNEL", "") not in ("", "cpu"):
+    if _SETTINGS.kernel not in ("", "cpu"):
         return False
     if "cpu" not in _HALF_KERNEL:
         _load_backends()
@@ -213,5 +300,8 @@ def _run_cached_entry(entry, x, codes, codebooks, scales, bias) -> torch.Tensor:
     return backend.run_packed(entry[3], x, codes, codebooks, scales, bias)
 
 
-__all__ = ["Backend", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",
-           "half_linear", "half_kernel_available", "reference"]
+from aqlmkit.kernels import op  # noqa: E402  (registers torch.ops.aqlmkit.aqlm_linear)
+
+__all__ = ["Backend", "dispatch", "op", "register_backend", "backends", "select", "aqlm_linear", "aqlm_linear_cached",
+           "invalidate_caches", "settings", "reload_settings", "half_linear", "half_kernel_available",
+           "reference"]

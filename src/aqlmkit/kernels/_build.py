@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 from pathlib import Path
 from types import ModuleType
@@ -38,11 +39,28 @@ def cpu_flags() -> str:
     return f"{model}|{flags}"
 
 
+_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.M)
+
+
+def local_headers(sources: Sequence[Path]) -> list[Path]:
+    """The csrc headers the sources include, transitively (``#include "..."``): an edit to one
+    rebuilds exactly the extensions that use it (the CPU build ignores the CUDA headers)."""
+    seen: dict[Path, None] = {}
+    todo = list(sources)
+    while todo:
+        for name in _INCLUDE.findall(Path(todo.pop()).read_bytes()):
+            hdr = CSRC / name.decode()
+            if hdr.exists() and hdr not in seen:
+                seen[hdr] = None
+                todo.append(hdr)
+    return sorted(seen)
+
+
 def _digest(sources: Sequence[Path], flags: Sequence[str]) -> str:
     h = hashlib.sha256()
     for s in sources:
         h.update(Path(s).read_bytes())
-    for extra in sorted(CSRC.glob("*.h")) + sorted(CSRC.glob("*.cuh")):
+    for extra in local_headers(sources):
         h.update(extra.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(cpu_flags().encode())

@@ -26,11 +26,21 @@ import torch
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.kernels import Backend, register_backend
 
-LUT_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_LUT_MAX_ROWS", "8"))
-GATHER_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_GATHER_MAX_ROWS", "8"))
-# Prefill dequantizes up to this many weights per GEMM (16 MiB fp32: whole layers of small models,
-# so one large at::mm writes straight into the output; the buffer is reused across calls).
-TILE_ELEMS = int(os.environ.get("AQLMKIT_CPU_TILE_ELEMS", str(1 << 22)))
+# Row bounds of the decode paths and the prefill tile (read once; kernels.reload_settings re-reads).
+# Prefill dequantizes up to TILE_ELEMS weights per GEMM (16 MiB fp32: whole layers of small
+# models, so one large at::mm writes straight into the output; the buffer is reused across calls).
+LUT_MAX_ROWS = GATHER_MAX_ROWS = TILE_ELEMS = 0
+
+
+def reload_settings() -> None:
+    """Read AQLMKIT_CPU_LUT_MAX_ROWS / _GATHER_MAX_ROWS / _TILE_ELEMS (called by kernels.reload_settings)."""
+    global LUT_MAX_ROWS, GATHER_MAX_ROWS, TILE_ELEMS
+    LUT_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_LUT_MAX_ROWS", "8"))
+    GATHER_MAX_ROWS = int(os.environ.get("AQLMKIT_CPU_GATHER_MAX_ROWS", "8"))
+    TILE_ELEMS = int(os.environ.get("AQLMKIT_CPU_TILE_ELEMS", str(1 << 22)))
+
+
+reload_settings()
 # AQLMKIT_CPU_CFLAGS adds flags (e.g. "-mno-avx512f" for a portable build without AVX-512); the
 # build cache is keyed on the flags, so each variant gets its own binary.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", *os.environ.get("AQLMKIT_CPU_CFLAGS", "").split()]

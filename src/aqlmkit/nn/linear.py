@@ -2,8 +2,8 @@
 
 Matching the official ``aqlm.QuantizedLinear`` (which transformers' AQLM integration builds) means
 a state dict moves between the two unchanged, so aqlmkit checkpoints load in plain transformers and
-theirs load here. The matmul goes through :func:`aqlmkit.kernels.aqlm_linear`, except while training
-needs gradients, where the differentiable reference math is used.
+theirs load here. The matmul goes through :func:`aqlmkit.kernels.aqlm_linear_cached`; while training
+needs gradients it runs the ``aqlmkit::aqlm_linear`` op (fast forward, dequantized backward).
 """
 from __future__ import annotations
 
@@ -75,6 +75,9 @@ class QuantizedLinear(nn.Module):
         # Per-layer kernel state (backend choice, packed operands), see kernels.aqlm_linear_cached.
         # Created here, not lazily in forward: dynamo cannot trace dict.setdefault on __dict__.
         self._kernel_cache: dict = {}
+        # Sibling fusion (aqlmkit.nn.fused): the group that computes this layer with its siblings.
+        self._siblings = None
+        self._sibling_index = 0
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
@@ -106,17 +109,28 @@ class QuantizedLinear(nn.Module):
                                     requires_grad=False)
         return mod
 
-    def _needs_autograd(self, x: torch.Tensor) -> bool:
-        """True when backward must flow (LoRA inputs, codebook/scale tuning): fast kernels are forward-only."""
-        if not torch.is_grad_enabled():
-            return False
-        return (x.requires_grad or self.codebooks.requires_grad or self.scales.requires_grad
-                or (self.bias is not None and self.bias.requires_grad))
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``/``.cuda()``/``.half()``: drop packed operands (they also pin the old storage)."""
+        self._kernel_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._kernel_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def invalidate_kernel_cache(self) -> None:
+        """Forget packed operands: needed only after an in-place write through a ``.data`` alias
+        (``layer.codes.data[...] = ...``), which PyTorch's version counter does not record."""
+        self._kernel_cache.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._needs_autograd(x):
-            return reference.aqlm_linear(x, self.codes, self.codebooks, self.scales, self.bias)
-        # Inference: the kernel's per-layer packed operands are built once (eagerly) and reused.
+        # Inference: the kernel's per-layer packed operands are built once (eagerly) and reused;
+        # when autograd needs the call (LoRA, tuning) it runs the aqlmkit::aqlm_linear op, the
+        # same fast forward with a backward (kernels.op).
+        if self._siblings is not None:
+            y = self._siblings.forward(self, self._sibling_index, x)
+            if y is not None:
+                return y
         return kernels.aqlm_linear_cached(x, self.codes, self.codebooks, self.scales, self.bias,
                                           self._kernel_cache)
 

@@ -22,6 +22,22 @@ struct GemvArgs {
   int num_sms;
 };
 
+// Up to kMaxSiblings layers that share x (q/k/v, gate/up: same input, batch, in_features) in one
+// launch: blockIdx.z picks the layer, each with its own codes, codebooks, scales, bias, output
+// and split-K partials. A plain layer is a group of one.
+constexpr int kMaxSiblings = 3;
+struct GroupArgs {
+  GemvArgs s[kMaxSiblings];
+  float* part[kMaxSiblings];  // lut/mma: that layer's fp32 partials (nullptr for gemv)
+  int n;
+};
+
+inline int group_max_out(const GroupArgs& g) {
+  int m = 0;
+  for (int i = 0; i < g.n; ++i) m = g.s[i].out_features > m ? g.s[i].out_features : m;
+  return m;
+}
+
 struct DequantArgs {
   const void* codes;
   const void* codebooks;
@@ -37,7 +53,7 @@ struct DequantArgs {
 
 // DT: 0 = fp16, 1 = bf16. Returns the cudaError_t of the launch.
 template <int DT, int K, int G, int LOG2NB, int BMAX>
-cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream);
+cudaError_t launch_gemv(const GroupArgs& g, cudaStream_t stream);
 
 cudaError_t launch_dequant(const DequantArgs& a, int dt, cudaStream_t stream);
 
@@ -49,14 +65,14 @@ inline int lut_num_splits(int in_features, int K, int batch) {
   const int cb = lut_slice_bytes(lut_bmax(batch));
   return (in_features / 8 * K + cb - 1) / cb;
 }
-// part: fp32 workspace of lut_num_splits(...) * batch * out_features floats (fully overwritten).
+// g.part[i]: fp32 workspace of lut_num_splits(...) * batch * out_features(i) floats (overwritten).
 template <int DT, int K, int BMAX>
-cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream);
+cudaError_t launch_gemv_lut(const GroupArgs& g, cudaStream_t stream);
 
-// Tensor-core kernel (aqlm_cuda_mma.cuh) for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..8*NT: partials of
+// Tensor-core kernel (aqlm_cuda_mma.cuh) for 2x8g8/1x8g8/1x16g8/1x16g16, batch 1..8*NT (NT 1, 2, 4): partials of
 // mma_num_splits(in) * batch * out floats (fully overwritten), summed by the split-K epilogue.
 constexpr int mma_num_splits(int in_features) { return ((in_features / 8 + 31) / 32 + 7) / 8; }
 template <int DT, int K, int LOG2NB, int G, int NT>
-cudaError_t launch_gemm_mma(const GemvArgs& a, float* part, cudaStream_t stream);
+cudaError_t launch_gemm_mma(const GroupArgs& g, cudaStream_t stream);
 
 }  // namespace aqlmkit_cuda

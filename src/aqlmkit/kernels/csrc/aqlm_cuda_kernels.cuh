@@ -22,7 +22,22 @@ namespace aqlmkit_cuda {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kSmemLimit = 160 * 1024;  // dynamic shared memory we opt into (sm_80: 163 KB)
+constexpr int kSmemCap = 160 * 1024;  // most dynamic shared memory gemv opts into (sm_80: 163 KB)
+
+// Dynamic shared memory gemv may use on the current device: the opt-in maximum per block, which
+// is 64 KB on sm_75 and 99 KB on sm_86/89/120, capped at kSmemCap. Read once per device.
+inline int smem_limit() {
+  static int cached[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return 48 * 1024;
+  if (cached[dev] == 0) {
+    int v = 0;
+    if (cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess || v <= 0)
+      v = 48 * 1024;
+    cached[dev] = v < kSmemCap ? v : kSmemCap;
+  }
+  return cached[dev];
+}
 
 template <int DT>
 struct Ty;
@@ -89,9 +104,22 @@ __device__ __forceinline__ void load_x(uint4* xs, const void* xv, int c0, int cl
   }
 }
 
+// The layer of a group this block serves (blockIdx.z); static indices keep the args in param space.
+__device__ __forceinline__ GemvArgs pick(const GroupArgs& g) {
+  if (blockIdx.z == 1) return g.s[1];
+  if (blockIdx.z == 2) return g.s[2];
+  return g.s[0];
+}
+__device__ __forceinline__ float* pick_part(const GroupArgs& g) {
+  if (blockIdx.z == 1) return g.part[1];
+  if (blockIdx.z == 2) return g.part[2];
+  return g.part[0];
+}
+
 template <int DT, int K, int G, int LOG2NB, int BMAX, bool SMEM_CB>
 __global__ void __launch_bounds__(kThreads)
-    gemv_kernel(GemvArgs a, int chunk, int stride, int tiles, int vec_ok) {
+    gemv_kernel(GroupArgs grp, int chunk, int stride) {
+  const GemvArgs a = pick(grp);
   using T = typename Ty<DT>::T;
   using C = CodeT<LOG2NB>;
   constexpr int NB = 1 << LOG2NB;
@@ -114,6 +142,8 @@ __global__ void __launch_bounds__(kThreads)
   const int in = a.in_features, out = a.out_features, batch = a.batch;
   const int ngroups = in / G;
   const C* codes = reinterpret_cast<const C*>(a.codes);
+  const int tiles = (out + kWarps - 1) / kWarps;
+  const bool vec_ok = (ngroups % kGpl == 0) && (reinterpret_cast<uintptr_t>(a.codes) % 16 == 0);
   const bool single = chunk >= in;
   if (single) load_x<G>(xs, a.x, 0, in, stride, batch, in);
   __syncthreads();
@@ -210,16 +240,18 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <int DT, int K, int G, int LOG2NB, int BMAX>
-cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
+cudaError_t launch_gemv(const GroupArgs& g, cudaStream_t stream) {
+  const GemvArgs& a = g.s[0];  // batch, in_features, num_sms: shared by the group
   constexpr int NB = 1 << LOG2NB;
   constexpr int kCbBytes = K * NB * G * 2;
   constexpr bool kSmemCb = kCbBytes <= 32 * 1024;
   auto kernel = gemv_kernel<DT, K, G, LOG2NB, BMAX, kSmemCb>;
   constexpr int cb_bytes = kSmemCb ? kCbBytes : 0;
+  const int limit = smem_limit();
   static int occupancy = -1;  // per instantiation; set once (host calls, not stream work)
   if (occupancy < 0) {
     cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kSmemLimit);
+                                         limit);
     if (e != cudaSuccess) return e;
     int occ = 0;
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&occ, kernel, kThreads, 32 * 1024);
@@ -228,7 +260,7 @@ cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
   }
   // x lives in shared memory in its own dtype, padded to whole 256-group steps.
   const int step_elems = kStep * G;
-  const int budget = (kSmemLimit - cb_bytes) / (2 * a.batch);
+  const int budget = (limit - cb_bytes) / (2 * a.batch);
   const int whole = (a.in_features + step_elems - 1) / step_elems * step_elems;
   int chunk, stride;
   if (whole <= budget) {
@@ -240,12 +272,10 @@ cudaError_t launch_gemv(const GemvArgs& a, cudaStream_t stream) {
     stride = chunk;
   }
   const int smem = cb_bytes + a.batch * stride * 2;
-  const int ngroups = a.in_features / G;
-  const int vec_ok = (ngroups % kGpl == 0) && (reinterpret_cast<uintptr_t>(a.codes) % 16 == 0);
-  const int tiles = (a.out_features + kWarps - 1) / kWarps;
-  int grid = a.num_sms * occupancy;
-  if (grid > tiles) grid = tiles;
-  kernel<<<grid, kThreads, smem, stream>>>(a, chunk, stride, tiles, vec_ok);
+  const int tiles = (group_max_out(g) + kWarps - 1) / kWarps;
+  int grid = a.num_sms * occupancy / g.n;
+  grid = grid < 1 ? 1 : (grid > tiles ? tiles : grid);
+  kernel<<<dim3(grid, 1, g.n), kThreads, smem, stream>>>(g, chunk, stride);
   return cudaGetLastError();
 }
 
@@ -323,9 +353,11 @@ __device__ __forceinline__ void pdl_wait() {
 // Split-K epilogue shared by the LUT and mma kernels: y[b, o] = scale[o] * sum_split
 // part[split, b, o] + bias[o], splits summed in a fixed order (deterministic, no atomics/memset).
 template <int DT>
-__global__ void splitk_epilogue(GemvArgs a, const float* __restrict__ part, int nsplits) {
+__global__ void splitk_epilogue(GroupArgs g, int nsplits) {
   using T = typename Ty<DT>::T;
   pdl_wait();
+  const GemvArgs a = pick(g);
+  const float* __restrict__ part = pick_part(g);
   const int out = a.out_features;
   const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (long long)a.batch * out) return;
@@ -351,11 +383,10 @@ inline bool pdl_supported() {
 }
 
 template <int DT>
-cudaError_t launch_splitk_epilogue(const GemvArgs& a, const float* part, int nsplits,
-                                   cudaStream_t stream) {
-  const long long n = (long long)a.batch * a.out_features;
+cudaError_t launch_splitk_epilogue(const GroupArgs& g, int nsplits, cudaStream_t stream) {
+  const long long n = (long long)g.s[0].batch * group_max_out(g);
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned((n + 255) / 256));
+  cfg.gridDim = dim3(unsigned((n + 255) / 256), 1, unsigned(g.n));
   cfg.blockDim = dim3(256);
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
@@ -363,21 +394,29 @@ cudaError_t launch_splitk_epilogue(const GemvArgs& a, const float* part, int nsp
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl_supported() ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, splitk_epilogue<DT>, a, part, nsplits);
+  return cudaLaunchKernelEx(&cfg, splitk_epilogue<DT>, g, nsplits);
 }
 
 }  // namespace aqlmkit_cuda
 
+// AQLMKIT_ARCH_SWEEP (the CI compile test's per-arch sweep, never a build that runs) instantiates
+// only the smallest and largest batch bound of each dtype: the code differs between them only
+// in unrolling, and the full set is compiled for sm_90 and for every real build.
+#ifdef AQLMKIT_ARCH_SWEEP
+#define AQLMKIT_GEMV_MID(DT, K, G, LOG2NB)
+#else
+#define AQLMKIT_GEMV_MID(DT, K, G, LOG2NB)                                                      \
+  template cudaError_t launch_gemv<DT, K, G, LOG2NB, 2>(const GroupArgs&, cudaStream_t);        \
+  template cudaError_t launch_gemv<DT, K, G, LOG2NB, 4>(const GroupArgs&, cudaStream_t);        \
+  template cudaError_t launch_gemv<DT, K, G, LOG2NB, 8>(const GroupArgs&, cudaStream_t);
+#endif
+
 #define AQLMKIT_INSTANTIATE_GEMV(K, G, LOG2NB)                                                  \
   namespace aqlmkit_cuda {                                                                      \
-  template cudaError_t launch_gemv<0, K, G, LOG2NB, 1>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<0, K, G, LOG2NB, 2>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<0, K, G, LOG2NB, 4>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<0, K, G, LOG2NB, 8>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<0, K, G, LOG2NB, 16>(const GemvArgs&, cudaStream_t);         \
-  template cudaError_t launch_gemv<1, K, G, LOG2NB, 1>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<1, K, G, LOG2NB, 2>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<1, K, G, LOG2NB, 4>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<1, K, G, LOG2NB, 8>(const GemvArgs&, cudaStream_t);          \
-  template cudaError_t launch_gemv<1, K, G, LOG2NB, 16>(const GemvArgs&, cudaStream_t);         \
+  template cudaError_t launch_gemv<0, K, G, LOG2NB, 1>(const GroupArgs&, cudaStream_t);         \
+  AQLMKIT_GEMV_MID(0, K, G, LOG2NB)                                                             \
+  template cudaError_t launch_gemv<0, K, G, LOG2NB, 16>(const GroupArgs&, cudaStream_t);        \
+  template cudaError_t launch_gemv<1, K, G, LOG2NB, 1>(const GroupArgs&, cudaStream_t);         \
+  AQLMKIT_GEMV_MID(1, K, G, LOG2NB)                                                             \
+  template cudaError_t launch_gemv<1, K, G, LOG2NB, 16>(const GroupArgs&, cudaStream_t);        \
   }

@@ -98,7 +98,9 @@ __device__ __forceinline__ void lookup16(uint32_t tb, const uint4& cv, float* ou
 // grid (nsplits, row_tiles); block: kLutThreads. CB code bytes (= tables) per row per slice.
 template <int DT, int K, int BMAX, int CB>
 __global__ void __launch_bounds__(kLutThreads)
-    lut_kernel(GemvArgs a, float* __restrict__ part, int passes) {
+    lut_kernel(GroupArgs grp, int passes) {
+  const GemvArgs a = pick(grp);
+  float* __restrict__ part = pick_part(grp);
   constexpr int BP = BMAX;
   constexpr int TPR = CB / 16;                 // threads per row (one 16-byte vector each)
   constexpr int RPP = kLutThreads / TPR;       // rows per pass
@@ -206,7 +208,8 @@ __global__ void __launch_bounds__(kLutThreads)
 }
 
 template <int DT, int K, int BMAX>
-cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream) {
+cudaError_t launch_gemv_lut(const GroupArgs& g, cudaStream_t stream) {
+  const GemvArgs& a = g.s[0];  // batch, in_features, num_sms: shared by the group
   constexpr int CB = lut_slice_bytes(BMAX);
   constexpr int RPP = kLutThreads / (CB / 16);
   constexpr int smem = CB * 256 * BMAX * 4 + BMAX * (CB / K) * 16;  // tables + x slice
@@ -218,27 +221,34 @@ cudaError_t launch_gemv_lut(const GemvArgs& a, float* part, cudaStream_t stream)
   }
   if (lut_bmax(a.batch) != BMAX || a.in_features % 8 != 0) return cudaErrorInvalidValue;
   const int nsplits = lut_num_splits(a.in_features, K, a.batch);
-  const int tiles = (a.out_features + RPP - 1) / RPP;
+  const int tiles = (group_max_out(g) + RPP - 1) / RPP;
   // One full wave: as many row tiles as resident blocks allow; each tile walks `passes` passes.
-  int row_tiles = a.num_sms * occupancy / nsplits;
+  int row_tiles = a.num_sms * occupancy / (nsplits * g.n);
   row_tiles = row_tiles < 1 ? 1 : (row_tiles > tiles ? tiles : row_tiles);
   const int passes = (tiles + row_tiles - 1) / row_tiles;
   row_tiles = (tiles + passes - 1) / passes;
   if (row_tiles > 65535) return cudaErrorInvalidValue;
-  kernel<<<dim3(nsplits, row_tiles), kLutThreads, smem, stream>>>(a, part, passes);
+  kernel<<<dim3(nsplits, row_tiles, g.n), kLutThreads, smem, stream>>>(g, passes);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  return launch_splitk_epilogue<DT>(a, part, nsplits, stream);
+  return launch_splitk_epilogue<DT>(g, nsplits, stream);
 }
 
 }  // namespace aqlmkit_cuda
 
+#ifdef AQLMKIT_ARCH_SWEEP  // see aqlm_cuda_kernels.cuh: smallest and largest batch bound only
+#define AQLMKIT_LUT_MID(DT, K)
+#else
+#define AQLMKIT_LUT_MID(DT, K) \
+  template cudaError_t launch_gemv_lut<DT, K, 2>(const GroupArgs&, cudaStream_t);
+#endif
+
 #define AQLMKIT_INSTANTIATE_LUT(K)                                                              \
   namespace aqlmkit_cuda {                                                                      \
-  template cudaError_t launch_gemv_lut<0, K, 1>(const GemvArgs&, float*, cudaStream_t);          \
-  template cudaError_t launch_gemv_lut<0, K, 2>(const GemvArgs&, float*, cudaStream_t);          \
-  template cudaError_t launch_gemv_lut<0, K, 4>(const GemvArgs&, float*, cudaStream_t);          \
-  template cudaError_t launch_gemv_lut<1, K, 1>(const GemvArgs&, float*, cudaStream_t);          \
-  template cudaError_t launch_gemv_lut<1, K, 2>(const GemvArgs&, float*, cudaStream_t);          \
-  template cudaError_t launch_gemv_lut<1, K, 4>(const GemvArgs&, float*, cudaStream_t);          \
+  template cudaError_t launch_gemv_lut<0, K, 1>(const GroupArgs&, cudaStream_t);                \
+  AQLMKIT_LUT_MID(0, K)                                                                         \
+  template cudaError_t launch_gemv_lut<0, K, 4>(const GroupArgs&, cudaStream_t);                \
+  template cudaError_t launch_gemv_lut<1, K, 1>(const GroupArgs&, cudaStream_t);                \
+  AQLMKIT_LUT_MID(1, K)                                                                         \
+  template cudaError_t launch_gemv_lut<1, K, 4>(const GroupArgs&, cudaStream_t);                \
   }

@@ -38,8 +38,13 @@ struct MmaOps {
     return u;
   }
   // c[16x8] += a[16x16] * b[16x8] (fp32 accumulators; fragment layouts of PTX m16n8k16).
+  // m16n8k16 (f16 and bf16) exists from sm_80: older targets compile a trap, and the host side
+  // (cuda.applies, gemm_mma's check) never launches this kernel there.
   static __device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2,
                                              uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
     if constexpr (DT == 0) {
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -53,6 +58,7 @@ struct MmaOps {
           : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
           : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
     }
+#endif
   }
 };
 
@@ -112,9 +118,13 @@ __device__ __forceinline__ uint4 decode_unit(const RC& rc, int j, const uint4* c
 }
 
 // grid (span blocks, row groups), kMmaThreads threads; NT n-tiles of 8 batch columns.
+// NT <= 2 fits 128 registers (2 blocks/SM); NT = 4 (batch 17..32) keeps 32 x fragments of 4
+// registers each and runs 1 block/SM.
 template <int DT, int K, int LOG2NB, int G, int NT>
-__global__ void __launch_bounds__(kMmaThreads, 2)
-    mma_kernel(GemvArgs a, float* __restrict__ part, int tiles, int vec_ok) {
+__global__ void __launch_bounds__(kMmaThreads, NT >= 4 ? 1 : 2)
+    mma_kernel(GroupArgs grp) {
+  const GemvArgs a = pick(grp);
+  float* __restrict__ part = pick_part(grp);
   using C = CodeT<LOG2NB>;
   using RC = RowCodes<C, 8 * K / (G / 8)>;
   constexpr int NB = 1 << LOG2NB;
@@ -136,6 +146,9 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
   const int span = blockIdx.x * kMmaWarps + warp;
   const int grp0 = span * kMmaSpanGroups + 8 * t;  // this lane's first unit
   const int valid = max(0, min(8, ngroups - grp0));  // of its 8 units, how many exist
+  const int tiles = (out + 15) / 16;
+  const bool vec_ok = ((ngroups / U * K * int(sizeof(C))) % RC::kBytes == 0) &&
+                      (reinterpret_cast<uintptr_t>(a.codes) % 16 == 0);
   const bool active = span * kMmaSpanGroups < ngroups;  // uniform per warp
   const bool vec = vec_ok && valid == 8;
   const int row_codes = ngroups / U * K;  // codes per row
@@ -214,9 +227,8 @@ __global__ void __launch_bounds__(kMmaThreads, 2)
 static_assert(kMmaSpanGroups == 32 && kMmaWarps == 8, "mma_num_splits (aqlm_cuda.h) assumes these");
 
 template <int DT, int K, int LOG2NB, int G, int NT>
-cudaError_t launch_gemm_mma(const GemvArgs& a, float* part, cudaStream_t stream) {
-  using C = CodeT<LOG2NB>;
-  using RC = RowCodes<C, 8 * K / (G / 8)>;
+cudaError_t launch_gemm_mma(const GroupArgs& g, cudaStream_t stream) {
+  const GemvArgs& a = g.s[0];  // batch, in_features, num_sms: shared by the group
   constexpr int kCb = LOG2NB <= 8 ? K * (1 << LOG2NB) * G * 2 : 0;
   constexpr int smem = kCb + 2 * kMmaWarps * 16 * 8 * NT * 4;
   auto kernel = mma_kernel<DT, K, LOG2NB, G, NT>;
@@ -227,25 +239,31 @@ cudaError_t launch_gemm_mma(const GemvArgs& a, float* part, cudaStream_t stream)
   }
   if (a.in_features % G != 0 || a.batch < 1 || a.batch > 8 * NT) return cudaErrorInvalidValue;
   const int nsplits = mma_num_splits(a.in_features);
-  const int tiles = (a.out_features + 15) / 16;
-  int row_groups = a.num_sms * occupancy / nsplits;
+  const int tiles = (group_max_out(g) + 15) / 16;
+  int row_groups = a.num_sms * occupancy / (nsplits * g.n);
   row_groups = row_groups < 1 ? 1 : (row_groups > tiles ? tiles : row_groups);
   if (row_groups > 65535) row_groups = 65535;
-  const int row_bytes = a.in_features / G * K * int(sizeof(C));
-  const int vec_ok = (row_bytes % RC::kBytes == 0) &&
-                     (reinterpret_cast<uintptr_t>(a.codes) % 16 == 0);
-  kernel<<<dim3(nsplits, row_groups), kMmaThreads, smem, stream>>>(a, part, tiles, vec_ok);
+  kernel<<<dim3(nsplits, row_groups, g.n), kMmaThreads, smem, stream>>>(g);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  return launch_splitk_epilogue<DT>(a, part, nsplits, stream);
+  return launch_splitk_epilogue<DT>(g, nsplits, stream);
 }
 
 }  // namespace aqlmkit_cuda
 
+#ifdef AQLMKIT_ARCH_SWEEP  // see aqlm_cuda_kernels.cuh: smallest and largest batch bound only
+#define AQLMKIT_MMA_MID(DT, K, LOG2NB, G)
+#else
+#define AQLMKIT_MMA_MID(DT, K, LOG2NB, G) \
+  template cudaError_t launch_gemm_mma<DT, K, LOG2NB, G, 2>(const GroupArgs&, cudaStream_t);
+#endif
+
 #define AQLMKIT_INSTANTIATE_MMA(K, LOG2NB, G)                                                  \
-  namespace aqlmkit_cuda {                                                                         \
-  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 1>(const GemvArgs&, float*, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 2>(const GemvArgs&, float*, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 1>(const GemvArgs&, float*, cudaStream_t); \
-  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 2>(const GemvArgs&, float*, cudaStream_t); \
+  namespace aqlmkit_cuda {                                                                     \
+  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t);    \
+  AQLMKIT_MMA_MID(0, K, LOG2NB, G)                                                             \
+  template cudaError_t launch_gemm_mma<0, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t);    \
+  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 1>(const GroupArgs&, cudaStream_t);    \
+  AQLMKIT_MMA_MID(1, K, LOG2NB, G)                                                             \
+  template cudaError_t launch_gemm_mma<1, K, LOG2NB, G, 4>(const GroupArgs&, cudaStream_t);    \
   }
