@@ -17,11 +17,6 @@ from aqlmkit.pipeline.pv_tuning import StraightThrough, quantized_layers, straig
 from aqlmkit.pipeline.quantize import quantize_model
 
 
-@pytest.fixture(autouse=True)
-def _reference_kernel(monkeypatch):
-    monkeypatch.setenv("AQLMKIT_KERNEL", "reference")
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(fp teacher, roughly quantized student, ids): few AQ iterations leave room for fine-tuning."""

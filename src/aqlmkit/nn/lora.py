@@ -2,8 +2,8 @@
 
 peft only knows the official ``aqlm.QuantizedLinear``; ours joins through LoraConfig's custom
 module mapping, so ``get_peft_model`` wraps it with :class:`QuantizedLoraLinear`. The base output
-comes from QuantizedLinear itself, which switches to the differentiable reference whenever the
-input carries gradients, so adapters in earlier layers train too. Merging is refused: adding a
+comes from QuantizedLinear itself, whose kernel op (``torch.ops.aqlmkit.aqlm_linear``) has a
+backward, so the fast forward runs and adapters in earlier layers still receive gradients. Merging is refused: adding a
 dense delta to an additively-quantized weight would require re-quantizing.
 """
 from __future__ import annotations

@@ -123,7 +123,7 @@ def _restore(snap: dict[str, torch.Tensor], params: dict[str, nn.Parameter],
         p.copy_(snap[f"p.{n}"])
     for i, m in enumerate(layers):
         m.codes.copy_(snap[f"codes.{i}"])
-        m._kernel_cache.clear()
+        m.invalidate_kernel_cache()
 
 
 def _check_inputs(ids: torch.Tensor, val_ids: torch.Tensor, cfg: GlobalFinetuneConfig) -> None:
@@ -229,7 +229,7 @@ class _Run:
                 self.st.accumulate()
         self.opt.step()
         for m in self.layers:  # codebooks/scales moved: packed kernel operands are stale
-            m._kernel_cache.clear()
+            m.invalidate_kernel_cache()
         self.step += 1
         self.last_loss = loss.item()
         self.stats.steps = self.step

@@ -150,7 +150,7 @@ def _set_codes(m: QuantizedLinear, flat_idx: torch.Tensor, values: torch.Tensor)
     k = m.codes.shape[-1]
     with torch.no_grad():  # on the Parameter itself, so its version counter moves too
         m.codes.view(-1, k)[flat_idx] = values.to(m.codes.dtype)
-    m._kernel_cache.clear()
+    m.invalidate_kernel_cache()
 
 
 def _subtract_groups(buf: torch.Tensor, scheme: Scheme, flat_idx: torch.Tensor, delta: torch.Tensor) -> None:
