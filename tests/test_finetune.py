@@ -202,14 +202,14 @@ def test_pv_beats_p_only_on_the_embedded_model(default_model_dir):
 
     torch.manual_seed(0)
     teacher, tok = load_model(str(default_model_dir), device="cpu", dtype="float32")
-    student = _cheap_student(copy.deepcopy(teacher), "1x8g8")
+    student = _cheap_student(copy.deepcopy(teacher), "2x8g8")
     train = calibration_batches(tok, "default", 8, 128, seed=0)
     val = calibration_batches(tok, "default", 2, 128, seed=1)
     held_out = calibration_batches(tok, load_corpus("default", "eval"), 4, 128, seed=2)
-    cfg = GlobalFinetuneConfig(steps=6, lr=1e-4, batch_size=2, eval_every=2)
+    cfg = GlobalFinetuneConfig(steps=8, lr=1e-4, batch_size=1, eval_every=4)
     p_only, pv = copy.deepcopy(student), student
     st_p = finetune_global(p_only, teacher, train, cfg, val_ids=val, progress=False)
-    st_pv = finetune_global(pv, teacher, train, cfg, pv=PVConfig(), val_ids=val, progress=False)
+    st_pv = finetune_global(pv, teacher, train, cfg, pv=PVConfig(code_lr=3e-2), val_ids=val, progress=False)
     kl_p, kl_pv = (evaluate_kl(m, teacher, held_out, "cpu") for m in (p_only, pv))
     print(f"held-out KL: P-only {kl_p:.4f}, PV {kl_pv:.4f}; V-steps kept {st_pv.v_kept}, undone "
           f"{st_pv.v_undone}, groups changed {st_pv.codes_changed}; val {st_p.kl_after:.4f} / {st_pv.kl_after:.4f}")

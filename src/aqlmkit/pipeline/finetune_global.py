@@ -9,8 +9,8 @@ straight-through copies of the weights collect the gradient every step, and ever
 
 Nothing here may make the model worse on held-out data than what it was given: every
 ``eval_every`` steps the held-out KL is measured; a round of P-steps that raised it beyond
-``tolerance`` is rolled back to the best state (and the learning rates halve), a V-step that
-raised it at all is undone, and the best state seen is what the run leaves in ``student``.
+``tolerance`` is rolled back to the best state (and the learning rates halve), a V-step that did
+not lower it is undone, and the best state seen is what the run leaves in ``student``.
 The state is checkpointed atomically every ``checkpoint_every`` steps (``work_dir``).
 """
 from __future__ import annotations
@@ -260,7 +260,7 @@ class _Run:
             if n:
                 kl_v = self.held_out(self.student)
                 rec.update(v_groups=n, val_kl_after_v=kl_v)
-                if kl_v <= kl:
+                if kl_v < kl:
                     self.stats.v_kept += 1
                     self.stats.codes_changed += n
                     if kl_v < self.best_kl:
