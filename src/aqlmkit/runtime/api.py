@@ -40,9 +40,10 @@ class ServerConfig:
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.headers, self.kind = status, message, code, headers, kind
+        self.param = param
 
 
 class _Stream:
@@ -136,7 +137,8 @@ def build_app(engine: Engine, tokenizer, cfg: ServerConfig) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return JSONResponse(error_body(e.message, e.kind, e.code), status_code=e.status, headers=e.headers)
+        return JSONResponse(error_body(e.message, e.kind, e.code, e.param), status_code=e.status,
+                            headers=e.headers)
 
     @app.middleware("http")
     async def _count(request: Request, call_next):
@@ -235,7 +237,8 @@ async def _parse(request: Request, cfg: ServerConfig, model: type[BaseModel]):
 
 
 def _max_tokens(body, prompt_len: int, engine: Engine, cfg: ServerConfig, chat: bool) -> int:
-    asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    asked = getattr(body, "max_completion_tokens", None)
+    asked = body.max_tokens if asked is None else asked
     if asked is None:  # OpenAI's defaults: 16 for completions, the rest of the context for chat
         room = engine.context - prompt_len
         return max(1, min(16 if not chat else room, room, cfg.max_tokens_limit))
