@@ -17,7 +17,7 @@ per token, so a finished request's slot is reused at the next iteration.
 
 The decode step runs over a *bucket* of batch rows (1, 2, 4, ... up to ``max_batch``) and reads a
 bucket of cache columns (multiples of ``len_bucket``); with ``compile=True`` each (rows, columns)
-bucket is one ``torch.compile``'d graph (CUDA graphs on CUDA), compiled on first use.
+bucket is one ``torch.compile``'d graph (also a CUDA graph on CUDA), compiled on first use.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from aqlmkit.errors import AqlmkitError
+from aqlmkit.runtime.compiled import compile_step, steady_stance
 from aqlmkit.runtime.sampling import SamplingParams
 from aqlmkit.runtime.slots import SlotCache, StepBatch, install
 from aqlmkit.runtime.text import TextTracker
@@ -84,6 +85,19 @@ def _decode_forward(model: nn.Module, ids: torch.Tensor, positions: torch.Tensor
     out = model(input_ids=ids, position_ids=positions, attention_mask=mask, aqlmkit_step=step,
                 use_cache=False, logits_to_keep=1)
     return out.logits[:, -1]
+
+
+class _Compiled:
+    """One bucket's compiled decode forward; calls after the first skip dynamo's guard checks."""
+
+    def __init__(self, fn: Callable, device: torch.device) -> None:
+        self.fn, self.warm = compile_step(fn, device, cuda_graphs=True), False
+
+    def __call__(self, *args):
+        with steady_stance(not self.warm):
+            out = self.fn(*args)
+        self.warm = True
+        return out
 
 
 class Engine:
@@ -240,7 +254,7 @@ class Engine:
             return _decode_forward
         fn = self._graphs.get((rows, cols))
         if fn is None:
-            fn = self._graphs[(rows, cols)] = _compile(_decode_forward, self.device)
+            fn = self._graphs[(rows, cols)] = _Compiled(_decode_forward, self.device)
         return fn
 
     def _accept(self, req: Request, logits: torch.Tensor) -> None:
@@ -334,21 +348,6 @@ def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-def _compile(fn: Callable, device: torch.device) -> Callable:
-    """A fresh compiled copy of ``fn`` (its own dynamo cache: one graph per bucket, no recompile limit).
-
-    On CUDA the graph is also captured as a CUDA graph ("reduce-overhead"), which removes the
-    per-kernel launch cost that dominates small decode batches.
-    """
-    opts: dict = {"fullgraph": True, "dynamic": False}
-    if device.type == "cuda":
-        opts["mode"] = "reduce-overhead"
-    try:
-        return torch.compile(fn, isolate_recompiles=True, **opts)
-    except TypeError:  # torch without isolate_recompiles: a wrapper per bucket still works
-        return torch.compile(fn, **opts)
 
 
 __all__ = ["Engine", "Event", "Request", "QueueFull"]

@@ -60,6 +60,9 @@ class SlotCache:
         layers = config.num_hidden_layers
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(layers)]
+        if device.type == "cuda":  # CUDA graphs mutate them in place (see compiled.compile_step)
+            for t in self.keys + self.values:
+                torch._dynamo.mark_static_address(t)
         self.slots, self.context, self.trash = slots, context, context
         self.groups = heads // kv_heads
 
