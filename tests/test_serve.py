@@ -223,3 +223,67 @@ def _wait(cond, timeout: float = 20.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.02)
+
+
+def test_serve_cli_end_to_end(tiny_llama_dir):
+    """`aqlmkit serve` as a user runs it (a subprocess on a free loopback port), then SIGINT."""
+    import signal
+    import subprocess
+    import sys
+
+    from aqlmkit.runtime.server import free_port
+
+    port = free_port()
+    cmd = [sys.executable, "-c", "from aqlmkit.cli import main; raise SystemExit(main())", "serve",
+           "-m", str(tiny_llama_dir), "--port", str(port), "--max-batch", "2", "--context", "128",
+           "--api-key", KEY, "--served-model-name", NAME]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _up(url) or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, proc.stderr.read()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        r = client.completions.create(model=NAME, prompt="The", max_tokens=3, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert f"http://127.0.0.1:{port}/v1" in err and "2 slots x 128 tokens" in err
+
+
+def _up(url: str) -> bool:
+    try:
+        return raw(url, "/health", key=None, timeout=2)[0] == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--port", "0"], "--port"),
+])
+def test_serve_cli_bad_arguments(argv, needle, tiny_llama_dir, capsys):
+    assert main(["serve", "-m", str(tiny_llama_dir), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_checkpoint_without_tokenizer_is_one_line(tmp_path, make_tiny_model, capsys):
+    """An AQLM checkpoint saved without a tokenizer loads (tokenizer None): one line, exit 2."""
+    from aqlmkit.formats.aqlm_hf import save_quantized
+    from nn_helpers import random_quantized
+
+    save_quantized(random_quantized(make_tiny_model("llama"), "2x8g8"), None, tmp_path / "m", "2x8g8")
+    capsys.readouterr()
+    for cmd in (["serve"], ["generate", "-p", "x"], ["chat", "-p", "x"]):
+        assert main([cmd[0], "-m", str(tmp_path / "m"), *cmd[1:]]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "has no tokenizer" in err[0]
+    assert main(["generate", "-m", str(tmp_path / "m"), "-p", "  "]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
