@@ -178,8 +178,22 @@ def bench_variant(model, tok, args) -> dict:
     return out
 
 
+def _commit() -> str:
+    """The code that ran: git commit, '+dirty' when the tree had uncommitted changes."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if dirty else "")
+
+
 def machine(device: str) -> dict:
-    info = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+    info = {"commit": _commit(), "device": device, "torch": torch.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "loadavg": list(os.getloadavg()),
             "date": dt.datetime.now().isoformat(timespec="seconds")}

@@ -180,3 +180,27 @@ def test_compiled_decode_matches_eager(make_tiny_model):
     assert sorted(eng._graphs) == [(1, 32), (2, 32)]  # rows 1 (one decoding), then 2
     assert all(g.warm for g in eng._graphs.values())
     assert [tokens(e) for e in run_all(eng, [(p, sp) for p in ps[::-1]])] == want[::-1]  # reused
+
+
+def test_a_failing_step_ends_its_requests_and_the_loop_goes_on(make_tiny_model, monkeypatch, capsys):
+    """The engine thread survives a step that raises: those requests end with "error", later ones run."""
+    import threading
+
+    model = make_tiny_model("llama", vocab_size=512)
+    eng = Engine(model, max_batch=2, context=32)
+    real = eng._decode
+    monkeypatch.setattr(eng, "_decode", lambda: (_ for _ in ()).throw(RuntimeError("boom")))
+    done = threading.Event()
+    evs = []
+    eng.start()
+    try:
+        eng.submit([5, 6], GREEDY, lambda ev: (evs.append(ev), ev.finish_reason and done.set()))
+        assert done.wait(30) and evs[-1].finish_reason == "error"
+        monkeypatch.setattr(eng, "_decode", real)
+        done.clear()
+        evs.clear()
+        eng.submit([5, 6], GREEDY, lambda ev: (evs.append(ev), ev.finish_reason and done.set()))
+        assert done.wait(30) and evs[-1].finish_reason == "length" and len(evs) == GREEDY.max_tokens
+    finally:
+        eng.stop()
+    assert "RuntimeError: boom" in capsys.readouterr().err

@@ -273,6 +273,9 @@ async def _sse(stream: _Stream, shape: _Shape, include_usage: bool):
                 ids = [ev.token_id] if ev.token_id >= 0 else []
                 yield json.dumps(shape.chunk(ev.text, ev.finish_reason, ids, first))
                 first = False
+            if ev.finish_reason == "error":
+                yield json.dumps(error_body("generation failed on the server", "server_error"))
+                break
             if ev.finish_reason:
                 break
         if include_usage:
@@ -292,6 +295,8 @@ async def _collect(request: Request, stream: _Stream, shape: _Shape):
                 if await request.is_disconnected():
                     return Response(status_code=499)
                 continue
+            if ev.finish_reason == "error":
+                raise ApiError(500, "generation failed on the server", kind="server_error")
             text.append(ev.text)
             if ev.token_id >= 0:
                 ids.append(ev.token_id)

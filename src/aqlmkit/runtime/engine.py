@@ -4,13 +4,16 @@ Each iteration of :meth:`Engine.step`:
 
 1. admits waiting requests into free cache slots (lowest slot first, so decode buckets stay small)
    and frees the slots of finished or cancelled ones;
-2. runs **one** prefill chunk (at most ``prefill_chunk`` prompt tokens) of the oldest request that
-   is still reading its prompt;
+2. reads at most ``prefill_chunk`` prompt tokens in all, oldest request first, one forward per
+   request: several short prompts are read in the same iteration, a long one in chunks of
+   ``prefill_chunk`` over several. A request's chunks never depend on what else is queued, so its
+   numerics (kernels may round differently for a different number of rows) are the same served
+   alone or among others;
 3. runs **one** decode step for every request that is generating, all in one batch.
 
 So a request that arrives mid-stream joins the decode batch at the iteration after its prompt is
 read, finished ones leave at once, and the stall a long prompt causes the running streams is
-bounded: between two of their tokens runs at most one chunk of ``prefill_chunk`` tokens (plus the
+bounded: between two of their tokens at most ``prefill_chunk`` prompt tokens are read (plus the
 decode step itself). Sampling happens inside the step, per request (its own temperature, top-p,
 top-k and seeded generator), and stops (eos, stop token ids, stop strings, max_tokens) are checked
 per token, so a finished request's slot is reused at the next iteration.
@@ -25,6 +28,7 @@ import heapq
 import itertools
 import threading
 import time
+import traceback
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -49,7 +53,7 @@ class Event:
 
     token_id: int
     text: str
-    finish_reason: str | None  # None while generating; "stop", "length" or "cancelled"
+    finish_reason: str | None  # None while generating; "stop", "length", "cancelled" or "error"
     prompt_tokens: int
     completion_tokens: int
 
@@ -148,11 +152,13 @@ class Engine:
         return prompt
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, sink: Callable[[Event], None]) -> Request:
-        """Queue a request; ``sink`` gets its events from the engine's thread. QueueFull when full."""
+        """Queue a request; ``sink`` gets its events from the engine's thread.
+
+        QueueFull when ``max_queue`` requests already wait with no free slot ahead of them."""
         prompt = self.validate(prompt, params)
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        with self._cond:
-            if len(self._waiting) >= self.max_queue:
+        with self._cond:  # requests a free slot takes at the next iteration do not count as queued
+            if len(self._waiting) - len(self._free) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
             req = Request(next(self._ids), prompt, params, sink, self.tok, stop_ids)
             self._waiting.append(req)
@@ -176,13 +182,16 @@ class Engine:
     # ------------------------------------------------------------------ the loop (engine thread)
     @torch.inference_mode()
     def step(self) -> bool:
-        """One iteration (admit, one prefill chunk, one decode step); False when there was nothing to do."""
+        """One iteration (admit, <= prefill_chunk prompt tokens, one decode step); False if idle."""
         self._admit()
         if not self._active:
             return False
-        pre = next((r for r in self._active if r.prefilling), None)
-        if pre is not None:
-            self._prefill_chunk(pre)
+        budget = self.prefill_chunk
+        for r in [r for r in self._active if r.prefilling]:
+            n = min(self.prefill_chunk, len(r.prompt) - r.pos)
+            if n > budget:
+                break
+            budget -= self._prefill_chunk(r, n)
         if any(not r.prefilling and r.finish_reason is None for r in self._active):
             self._decode()
         self._retire()
@@ -213,8 +222,9 @@ class Engine:
                 r.slot = None
         self._active = keep
 
-    def _prefill_chunk(self, req: Request) -> None:
-        p0, n = req.pos, min(self.prefill_chunk, len(req.prompt) - req.pos)
+    def _prefill_chunk(self, req: Request, n: int) -> int:
+        """Read the next ``n`` prompt tokens of ``req`` (one forward); returns ``n``."""
+        p0 = req.pos
         ids = torch.tensor([req.prompt[p0:p0 + n]], device=self.device)
         pos = torch.arange(p0, p0 + n, device=self.device)[None]
         cols = torch.arange(p0 + n, device=self.device)
@@ -224,6 +234,7 @@ class Engine:
         req.pos = p0 + n
         if not req.prefilling:
             self._accept(req, logits[0:1])
+        return n
 
     def _decode(self) -> None:
         live = [r for r in self._active if not r.prefilling and r.finish_reason is None]
@@ -327,11 +338,24 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stopping:
-            if self.step():
+            try:
+                if self.step():
+                    continue
+            except Exception:  # noqa: BLE001 - a failed step must not hang every client
+                self._fail_all()
                 continue
             with self._cond:
                 if not self._waiting and not self._stopping:
                     self._cond.wait(timeout=0.5)
+
+
+    def _fail_all(self) -> None:
+        """A step raised (e.g. out of memory): its requests end with "error", the loop goes on."""
+        traceback.print_exc()
+        for r in self._active:
+            if r.finish_reason is None:
+                self._finish(r, "error")
+        self._retire()
 
 
 def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
