@@ -20,8 +20,9 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, default=2048,
                    help="tokens per request, prompt + output (KV cache columns; capped by the model)")
     p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens read per engine step: the most a new prompt delays the "
-                        "running streams is one forward of this many tokens")
+                   help="prompt tokens read per engine step (several short prompts, or one "
+                        "chunk of a long one): between two tokens of a running stream at most "
+                        "this many prompt tokens are read")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted")
     p.add_argument("--api-key", default=os.environ.get("AQLMKIT_API_KEY"),
