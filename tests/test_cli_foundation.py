@@ -47,11 +47,10 @@ def test_chat_one_turn_and_stdin(tiny_llama_dir, capsys, monkeypatch):
 
 
 def test_chat_uses_template(tiny_llama, monkeypatch):
-    from aqlmkit.cli import chat
+    from aqlmkit.runtime.chat_template import encode_chat
 
     _, tok = tiny_llama
-    enc = chat._encode(tok, [{"role": "user", "content": "hi"}])
-    text = tok.decode(enc["input_ids"][0])
+    text = tok.decode(encode_chat(tok, [{"role": "user", "content": "hi"}]))
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 

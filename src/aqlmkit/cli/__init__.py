@@ -13,7 +13,7 @@ import sys
 
 from aqlmkit.errors import AqlmkitError
 
-COMMANDS = ("quantize", "finetune", "eval", "generate", "chat", "convert", "bench")
+COMMANDS = ("quantize", "finetune", "eval", "generate", "chat", "convert", "bench", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,10 @@ from __future__ import annotations
 import sys
 
 from aqlmkit.cli._common import add_model_args
-from aqlmkit.cli._generation import add_generation_args, generation_kwargs, model_device
+from aqlmkit.cli._generation import add_generation_args, engine_for, load_for_generation, sampling_params
+from aqlmkit.errors import AqlmkitError
+
+CHAT_CONTEXT = 4096  # KV cache columns of the one slot: the whole conversation must fit
 
 
 def register(sub) -> None:
@@ -16,28 +19,28 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _encode(tok, messages: list[dict]):
-    """Chat template when the tokenizer has one; otherwise a plain 'role: text' transcript."""
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tok(text, return_tensors="pt", add_special_tokens=False)
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tok(text, return_tensors="pt")
+def _reply(engine, tok, messages: list[dict], params) -> str:
+    from aqlmkit.runtime.chat_template import encode_chat
 
+    ids = encode_chat(tok, messages)
+    if len(ids) + params.max_tokens > engine.context:
+        raise AqlmkitError(f"the conversation ({len(ids)} tokens) no longer fits the {engine.context}-token "
+                           "context with --max-new-tokens; start a new chat")
+    parts: list[str] = []
 
-def _reply(model, tok, messages: list[dict], kw: dict) -> str:
-    import torch
-    from transformers import TextStreamer
+    def show(ev) -> None:
+        parts.append(ev.text)
+        print(ev.text, end="", flush=True)
 
-    enc = _encode(tok, messages).to(model_device(model))
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    with torch.no_grad():
-        out = model.generate(**enc, streamer=streamer, **kw)
-    return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    engine.generate(ids, params, on_event=show)
+    print()
+    return "".join(parts).strip()
 
 
 def _turns(prompt: str | None):
     if prompt is not None:
+        if not prompt.strip():
+            raise AqlmkitError("--prompt is empty: give a message")
         yield prompt
         return
     interactive = sys.stdin.isatty()
@@ -52,14 +55,15 @@ def _turns(prompt: str | None):
 
 
 def run(args) -> int:
-    from aqlmkit.formats.loading import load_model
-
-    model, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    kw = generation_kwargs(args, tok)
+    params = sampling_params(args)
+    model, tok = load_for_generation(args)
+    limit = getattr(model.config, "max_position_embeddings", None) or CHAT_CONTEXT
+    engine = engine_for(model, tok, args, min(limit, CHAT_CONTEXT))
     messages = [{"role": "system", "content": args.system}] if args.system else []
     for user in _turns(args.prompt):
         messages.append({"role": "user", "content": user})
         if args.prompt is None:
             print("assistant> ", end="", flush=True)
-        messages.append({"role": "assistant", "content": _reply(model, tok, messages, kw)})
+        messages.append({"role": "assistant", "content": _reply(engine, tok, messages, params)})
     return 0
+

@@ -13,7 +13,6 @@ same loop with ``compile=False``.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import nn
 
 from aqlmkit.errors import AqlmkitError
+from aqlmkit.runtime.compiled import compile_step, steady_stance
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [1, vocab] -> token [1, 1]
 
@@ -73,14 +73,10 @@ class StaticDecoder:
         self._cache_len = 0
         self._warm: set[tuple] = set()
         self.stats = DecodeStats()
-        # freezing: weights become constants of the compiled step (inductor may pre-pack them);
-        # so weights edited after the first step are not seen: make a new decoder then.
-        # isolate_recompiles: each decoder (model) keeps its own compiled entries, so several
-        # models in one process neither evict each other nor share dynamo's recompile limit.
-        opts = {"fullgraph": fullgraph, "dynamic": False, "options": {"freezing": freeze},
-                "isolate_recompiles": True}
-        self._greedy = torch.compile(_greedy_step, **opts) if compile else _greedy_step
-        self._logits = torch.compile(_logits_step, **opts) if compile else _logits_step
+        dev = next(model.parameters()).device
+        opts = {"fullgraph": fullgraph, "freeze": freeze}  # see compiled.compile_step
+        self._greedy = compile_step(_greedy_step, dev, **opts) if compile else _greedy_step
+        self._logits = compile_step(_logits_step, dev, **opts) if compile else _logits_step
 
     def _cache_for(self, length: int):
         """The static cache (reset), reallocated only when ``length`` outgrows it."""
@@ -128,7 +124,7 @@ class StaticDecoder:
         key = (self._cache_len, sampler is None)
         first = self.compiled and key not in self._warm
         t = time.perf_counter()
-        with self._stance(first):
+        with steady_stance(first, self.skip_guards):
             if sampler is None:
                 token = self._greedy(self.model, token, cache)
             else:
@@ -140,14 +136,6 @@ class StaticDecoder:
         else:
             self.stats.step_s.append(dt)
         return token
-
-    def _stance(self, first: bool):
-        """Steady-state steps skip dynamo's guard checks (~1-2 ms per call on a 30-block model):
-        every step passes the same model, cache and token shape, which the first call guarded.
-        Dynamo still runs the guards that tell apart its compiled entries (other models)."""
-        if first or not self.skip_guards:
-            return contextlib.nullcontext()
-        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
     def _check(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         if input_ids.dim() == 1:
