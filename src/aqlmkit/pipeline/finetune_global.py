@@ -180,6 +180,7 @@ def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, c
         run.start()
     bar = tqdm(total=cfg.steps, initial=run.step, desc="global finetune" + (" (PV)" if st else ""),
                disable=not progress)
+    saved_at = run.step
     try:
         for p in params.values():
             p.requires_grad_(True)
@@ -187,9 +188,10 @@ def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, c
             run.train_step(ids[order[run.step]].to(device), teacher)
             bar.update(1)
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
-                run.evaluate()
-                if ckpt is not None and (run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps):
+                run.evaluate()  # checkpoints fall on eval points, at least checkpoint_every apart
+                if ckpt is not None and (run.step - saved_at >= cfg.checkpoint_every or run.step == cfg.steps):
                     ckpt.save(run)
+                    saved_at = run.step
             bar.set_postfix(kl=f"{run.last_loss:.4f}", val=f"{run.best_kl:.4f}",
                             codes=run.stats.codes_changed)
     finally:
