@@ -193,3 +193,29 @@ def test_rtn_and_gptq_baselines_through_the_harness(make_tiny_model):
     assert err["gptq", 2] < err["rtn", 2] and err["gptq", 4] < err["rtn", 4]
     assert err["rtn", 4] < err["rtn", 2] and 0 < err["gptq", 4]
     assert baseline_bits(2, 128) == 2.25
+
+
+def test_quantize_cli_reports_every_stage_in_and_out_of_domain(tiny_llama_dir, tmp_path, capsys):
+    """The whole job through the CLI with evaluation on: one row per stage, both perplexities."""
+    from aqlmkit.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: plain words about lists, loops and numbers {i * 7}."
+                                for i in range(200)))
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"global": {"nsamples": 4, "val_samples": 1, "seqlen": 32, "batch_size": 2,
+                                          "eval_every": 1, "steps": 2},
+                               "pv": {"steps": 2, "v": {"code_lr": 0.2, "max_change": 0.05}},
+                               "eval": {"seqlen": 64}}))
+    base = ["quantize", "-m", str(tiny_llama_dir), "--scheme", "1x4g8", "--nsamples", "2", "--seqlen", "32",
+            "--epochs", "1", "--steps-per-epoch", "1", "--init-iters", "1", "--finetune-epochs", "0",
+            "--dataset", str(text), "--eval-dataset", str(text), "--eval-tokens", "256", "--config", str(cfg)]
+    assert main([*base, "--ood-dataset", "nope", "-o", str(tmp_path / "bad")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "q"
+    assert main([*base, "--ood-dataset", str(text), "-o", str(out), "--work-dir", str(tmp_path / "wd")]) == 0
+    rows = json.loads((out / "quantize_results.json").read_text())["rows"]
+    assert [r.get("stage") for r in rows] == [None, "calibration", "global FT", "PV"]
+    assert all(r["ppl"] > 1 and r["ood_ppl"] > 1 for r in rows)
+    printed = capsys.readouterr().out
+    assert "OOD PPL" in printed and "PV" in printed

@@ -85,8 +85,7 @@ def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path,
 
 def check_data(recipe: Recipe) -> None:
     """Fail on a bad corpus name in about a second, not after the model load and the fp eval."""
-    from aqlmkit.data.calibration import calibration_sources
-    from aqlmkit.data.corpora import load_corpus
+    from aqlmkit.data.corpora import calibration_sources, load_corpus
 
     calibration_sources(recipe.calibration.dataset)
     for ds in (recipe.eval.dataset, recipe.eval.ood_dataset):
