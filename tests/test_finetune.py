@@ -181,7 +181,6 @@ def _cheap_student(model, scheme: str):
     a coarse but real AQLM student, so the test measures PV on real weights and activations."""
     from aqlmkit.config import Scheme
     from aqlmkit.engine import quantize_linear
-    from aqlmkit.nn.linear import is_skipped  # noqa: F401 (same skip rules as the pipeline)
 
     s = Scheme.parse(scheme)
     cfg = LayerQuantConfig(max_epochs=0, steps_per_epoch=0, init_max_iter=3, init_max_points=2 ** 12)

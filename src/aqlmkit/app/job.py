@@ -131,7 +131,6 @@ def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str |
                          "codes_changed": rec["codes_changed"]})
 
         stats = run_global_stages(model, fp_model, tok, recipe, wd, fresh, on_stage)
-    fp_model_for_baselines = fp_model if recipe.baselines else None
     card = {"recipe": recipe.name,
             "calibration": f"{recipe.calibration.dataset} {recipe.calibration.nsamples}x{recipe.calibration.seqlen}"}
     if stats:
@@ -143,10 +142,10 @@ def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str |
         from aqlmkit.utils import atomic_copy
 
         atomic_copy(report, Path(output) / "quantize_report.json")
-    if fp_model_for_baselines is not None:
+    if recipe.baselines:
         from aqlmkit.app.baselines import baseline_rows
 
-        rows += baseline_rows(fp_model_for_baselines, tok, recipe, bits_target=bits["avg_bits_quantized"],
+        rows += baseline_rows(fp_model, tok, recipe, bits_target=bits["avg_bits_quantized"],
                               ppl=lambda m: stage_ppl(m, tok, recipe, evaluate))
     atomic_save_json(Path(output) / "quantize_results.json",
                      {"rows": rows, "stages": stats, "recipe": recipe.to_dict()})

@@ -16,7 +16,7 @@ optimisation budget, global fine-tuning and PV-tuning).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from aqlmkit.config import (CalibrationConfig, FinetuneConfig, GlobalFinetuneConfig, LayerQuantConfig,

@@ -6,7 +6,6 @@ cached), or a hub id (only when a hub is reachable; ``HF_HUB_OFFLINE`` is respec
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path

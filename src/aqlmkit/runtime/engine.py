@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
