@@ -36,7 +36,7 @@ class GlobalStats:
     kl_before: float               # held-out KL of the student as given
     kl_after: float                # held-out KL of the state returned (the best one seen)
     steps: int
-    codes_changed: int = 0         # code groups changed by the V-steps that were kept
+    codes_changed: int = 0         # code groups changed by kept V-steps (keep-best may return an earlier state)
     v_kept: int = 0
     v_undone: int = 0
     rollbacks: int = 0
