@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from aqlmkit.app.baselines import baseline_bits, gptq_model, rtn_model
+from aqlmkit.app.job import global_data, pv_stage_config
 from aqlmkit.app.recipes import build_recipe
 from aqlmkit.data.calibration import calibration_batches
 from aqlmkit.eval.perplexity import perplexity
@@ -96,8 +97,7 @@ def aqlm_rows(name: str, model, tok, recipe, ids, score: Scorer, a) -> list[dict
     rows.append({**base, "stage": "calibration", **score(q), "seconds": round(time.time() - t, 1)})
     print(rows[-1], flush=True)
     g = recipe.global_ft
-    train = calibration_batches(tok, recipe.calibration.dataset, g.nsamples, g.seqlen, g.seed)
-    val = calibration_batches(tok, recipe.calibration.dataset, g.val_samples, g.seqlen, g.seed + 7919)
+    train, val = global_data(tok, recipe)
     t = time.time()
     st = finetune_global(q, model, train, g, a.device, val_ids=val)
     rows.append({**base, "stage": f"global P {g.steps}", **score(q), "val_kl": st.kl_after,
@@ -105,7 +105,7 @@ def aqlm_rows(name: str, model, tok, recipe, ids, score: Scorer, a) -> list[dict
     print(rows[-1], flush=True)
     if recipe.pv is None:
         return rows
-    pv_cfg = replace(g, steps=recipe.pv.steps, lr=recipe.pv.lr or g.lr, seed=g.seed + 1)
+    pv_cfg = replace(pv_stage_config(recipe), seed=g.seed + 1)
     branches = [("PV", recipe.pv.v)] + ([] if a.no_control else [("P-only", None)])
     start = copy.deepcopy(q) if len(branches) > 1 else q
     for label, v in branches:

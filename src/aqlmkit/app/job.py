@@ -55,10 +55,17 @@ def global_data(tokenizer, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     return train, val
 
 
+def pv_stage_config(recipe: Recipe):
+    """The PV stage's global-FT knobs: the global section's, with the PV stage's steps and lr."""
+    from dataclasses import replace
+
+    return replace(recipe.global_ft, steps=recipe.pv.steps, lr=recipe.pv.lr or recipe.global_ft.lr)
+
+
 def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path, fresh: bool,
                       on_stage=None) -> list[dict]:
     """Global P-step distillation, then the PV stage; returns one stats dict per stage run."""
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
     from aqlmkit.pipeline.finetune_global import finetune_global
 
@@ -69,8 +76,7 @@ def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path,
     out = []
     stages = [("global", recipe.global_ft, None)]
     if recipe.pv is not None:
-        pv_cfg = replace(recipe.global_ft, steps=recipe.pv.steps, lr=recipe.pv.lr or recipe.global_ft.lr)
-        stages.append(("pv", pv_cfg, recipe.pv.v))
+        stages.append(("pv", pv_stage_config(recipe), recipe.pv.v))
     for name, cfg, v in stages:
         t = time.time()
         st = finetune_global(model, teacher, train, cfg, device, pv=v, val_ids=val,
