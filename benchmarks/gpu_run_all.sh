@@ -4,9 +4,9 @@
 # Usage on the device: bash benchmarks/gpu_run_all.sh [quick]
 # Narrow runs (env): TEST_K='lut' (pytest -k), TESTS (test files), KERN_ARGS='--schemes 2x8g8
 # --batches 1,4 --tag lut', FUSED_ARGS (gpu_fused.py), SKIP_KERN=1, SKIP_FUSED=1, SKIP_DECODE=1,
-# SKIP_QB=1 (skip those steps), DEC_ARGS (default --compile --census), DEC_STEPS.
+# SKIP_QB=1 (skip those steps), DEC_ARGS (default --compile --census), DEC_STEPS, SERVE_ARGS.
 set -o pipefail
-OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT" benchmarks/results
+OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT" benchmarks/results; touch /tmp/gpu_run_all.start
 export PYTHONPATH=src:benchmarks PYTHONUNBUFFERED=1 MAX_JOBS=16 AQLMKIT_CACHE=/tmp/aqlmkit_cache
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -24,7 +24,10 @@ step ${T_TESTS:-200} tests python3 -m pytest ${TESTS:-tests/test_gpu_kernels.py 
 [ -n "${SKIP_FUSED:-}" ] || step ${T_FUSED:-150} fused python3 benchmarks/gpu_fused.py ${FUSED_ARGS:-}
 [ -n "${SKIP_KERN:-}" ] || step ${T_KERN:-240} kernels python3 benchmarks/gpu_kernels.py ${1:+--quick} ${KERN_ARGS:-}
 [ -n "${SKIP_DECODE:-}" ] || step ${T_DEC:-300} decode python3 benchmarks/gpu_decode.py --steps ${DEC_STEPS:-200} ${DEC_ARGS:---compile --census}
+# SERVE_ARGS: one serve_throughput.py run per ';'-separated argument list (needs the server wheels in .whl)
+IFS=';' read -ra SERVES <<< "${SERVE_ARGS:-}"
+for a in "${SERVES[@]}"; do step ${T_SERVE:-300} serve python3 benchmarks/serve_throughput.py $a; done
 if [ -z "${SKIP_QB:-}" ] && [ -f benchmarks/quantize_block.py ]; then step 200 quantize_block python3 benchmarks/quantize_block.py --time-budget 150; fi
 [ -f /tmp/official_build.log ] && tail -n 20 /tmp/official_build.log >> "$OUT/all.log"
-cp benchmarks/results/*gpu_*.json benchmarks/results/*quantize_block*.json "$OUT"/ 2>/dev/null
+find benchmarks/results -name '*.json' -newer /tmp/gpu_run_all.start -exec cp {} "$OUT"/ \;  # this run's results only
 ls -la "$OUT"
