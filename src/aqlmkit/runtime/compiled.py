@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+from collections import defaultdict
 from typing import Callable
 
 import torch
@@ -36,3 +38,21 @@ def steady_stance(first: bool, enabled: bool = True):
     if first or not enabled:
         return contextlib.nullcontext()
     return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+
+
+def cuda_graph_thread_state() -> None:
+    """Give the calling thread the thread-local state CUDA-graph trees need.
+
+    torch <= 2.11 sets it up only in the thread that imported ``cudagraph_trees`` (and in autograd's
+    threads): a compiled "reduce-overhead" step run from any other thread, such as the serving
+    engine's loop after a first engine's thread had imported it, dies on an assertion. Newer torch
+    initialises it lazily; there this is a no-op.
+    """
+    from torch._inductor import cudagraph_trees as cgt
+
+    if hasattr(cgt, "_initialize_tls") or hasattr(cgt.local, "tree_manager_containers"):
+        return
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    cgt.local.tree_manager_containers = {}
+    cgt.local.tree_manager_locks = defaultdict(threading.Lock)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from aqlmkit.errors import AqlmkitError
+from aqlmkit.nn.fused import fuse_siblings
 from aqlmkit.runtime.compiled import compile_step, steady_stance
 
 Sampler = Callable[[torch.Tensor], torch.Tensor]  # logits [1, vocab] -> token [1, 1]
@@ -74,6 +75,8 @@ class StaticDecoder:
         self._warm: set[tuple] = set()
         self.stats = DecodeStats()
         dev = next(model.parameters()).device
+        if dev.type == "cuda":  # q/k/v and gate/up as one launch each (aqlmkit.nn.fused)
+            fuse_siblings(model)
         opts = {"fullgraph": fullgraph, "freeze": freeze}  # see compiled.compile_step
         self._greedy = compile_step(_greedy_step, dev, **opts) if compile else _greedy_step
         self._logits = compile_step(_logits_step, dev, **opts) if compile else _logits_step

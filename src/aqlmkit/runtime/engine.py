@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from aqlmkit.errors import AqlmkitError
-from aqlmkit.runtime.compiled import compile_step, steady_stance
+from aqlmkit.nn.fused import fuse_siblings
+from aqlmkit.runtime.compiled import compile_step, cuda_graph_thread_state, steady_stance
 from aqlmkit.runtime.sampling import SamplingParams
 from aqlmkit.runtime.slots import SlotCache, StepBatch, install
 from aqlmkit.runtime.text import TextTracker
@@ -121,6 +122,8 @@ class Engine:
         self.model, self.tok = model.eval(), tokenizer
         p = next(model.parameters())
         self.device = p.device
+        if self.device.type == "cuda":  # q/k/v and gate/up as one launch each in decode steps
+            fuse_siblings(model)
         dtype = p.dtype if p.dtype.is_floating_point else torch.float32
         self.cache = SlotCache(model.config, max_batch, context, self.device, dtype)
         self.max_batch, self.context, self.prefill_chunk = max_batch, context, prefill_chunk
@@ -336,6 +339,8 @@ class Engine:
         self._active = []
 
     def _loop(self) -> None:
+        if self.compiled and self.device.type == "cuda":
+            cuda_graph_thread_state()
         while not self._stopping:
             try:
                 if self.step():
