@@ -63,8 +63,11 @@ def pv_stage_config(recipe: Recipe):
 
 
 def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path, fresh: bool,
-                      on_stage=None) -> list[dict]:
-    """Global P-step distillation, then the PV stage; returns one stats dict per stage run."""
+                      on_stage=None, dist=None) -> list[dict]:
+    """Global P-step distillation, then the PV stage; returns one stats dict per stage run.
+
+    ``on_stage`` (evaluation) runs on rank 0 only; the other ranks wait for it at a barrier.
+    """
     from dataclasses import asdict
 
     from aqlmkit.pipeline.finetune_global import finetune_global
@@ -72,7 +75,7 @@ def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path,
     if recipe.global_ft is None:
         return []
     train, val = global_data(tokenizer, recipe)
-    device = recipe.calibration.device
+    device = str(dist.device) if dist is not None else recipe.calibration.device
     out = []
     stages = [("global", recipe.global_ft, None)]
     if recipe.pv is not None:
@@ -80,12 +83,15 @@ def run_global_stages(model, teacher, tokenizer, recipe: Recipe, work_dir: Path,
     for name, cfg, v in stages:
         t = time.time()
         st = finetune_global(model, teacher, train, cfg, device, pv=v, val_ids=val,
-                             work_dir=work_dir / name, resume=not fresh)
+                             work_dir=work_dir / name, resume=not fresh,
+                             **({"dist": dist, "progress": dist.is_main} if dist is not None else {}))
         rec = {"stage": name, "seconds": round(time.time() - t, 1),
                **{k: val_ for k, val_ in asdict(st).items() if k != "history"}}
         out.append(rec)
-        if on_stage is not None:
+        if on_stage is not None and (dist is None or dist.is_main):
             on_stage(name, rec)
+        if dist is not None:
+            dist.barrier(f"evaluation after the {name} stage")
     return out
 
 
@@ -100,19 +106,42 @@ def check_data(recipe: Recipe) -> None:
 
 
 def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str | Path | None,
-            fresh: bool = False, dtype: str = "auto", evaluate: bool = True, overwrite: bool = False) -> list[dict]:
-    """Quantize ``model_spec`` into ``output`` (AQLM HF format); returns the table rows."""
+            fresh: bool = False, dtype: str = "auto", evaluate: bool = True, overwrite: bool = False,
+            dist_timeout: float = 1800.0) -> list[dict] | None:
+    """Quantize ``model_spec`` into ``output`` (AQLM HF format); returns the table rows.
+
+    Under torchrun every rank runs this: calibration and the global stages are spread over the
+    ranks, rank 0 alone evaluates, writes and returns the rows; the other ranks return None.
+    """
+    from aqlmkit.app.launch import join
+
+    dist = join(recipe.calibration.device, dist_timeout)
+    try:
+        return _run_job(model_spec, output, recipe, work_dir, fresh, dtype, evaluate, overwrite, dist)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _run_job(model_spec, output, recipe: Recipe, work_dir, fresh, dtype, evaluate, overwrite, dist):
     from aqlmkit.formats.aqlm_hf import check_output_dir, save_quantized
     from aqlmkit.formats.loading import load_model
     from aqlmkit.pipeline.quantize import quantize_model
     from aqlmkit.pipeline.report import bits_summary
     from aqlmkit.utils import atomic_save_json
 
+    main = dist is None or dist.is_main
+    device = str(dist.device) if dist is not None else recipe.calibration.device
     wd = Path(work_dir) if work_dir else default_work_dir(output)
-    check_output_dir(output, overwrite=overwrite, sources=[model_spec, wd])  # before any work
-    if evaluate:
-        check_data(recipe)
-    model, tok = load_model(model_spec, device=recipe.calibration.device, dtype=dtype)
+
+    def checks() -> None:  # before any work
+        check_output_dir(output, overwrite=overwrite, sources=[model_spec, wd])
+        if evaluate:
+            check_data(recipe)
+
+    dist.on_main(checks, "checking the output folder") if dist is not None else checks()
+    model, tok = load_model(model_spec, device=device, dtype=dtype)
+    evaluate = evaluate and main
     rows: list[dict] = []
     if evaluate:
         t = time.time()
@@ -122,12 +151,14 @@ def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str |
     fp_model = copy.deepcopy(model) if keep_fp else None
     t = time.time()
     model = quantize_model(model, tok, recipe.scheme, recipe.calibration, recipe.layer, recipe.finetune, wd,
-                           resume=not fresh)
+                           resume=not fresh, dist=dist)
     bits = bits_summary(model)
     base = {"method": "AQLM", "scheme": recipe.scheme.name, "avg_bits": bits["avg_bits_quantized"],
             "model_bits": bits["avg_bits_model"]}
     rows.append({**base, "stage": "calibration", **stage_ppl(model, tok, recipe, evaluate),
                  "seconds": round(time.time() - t, 1)})
+    if dist is not None:
+        dist.barrier("evaluation after calibration")
     stats = []
     if recipe.global_ft is not None:
         def on_stage(name, rec):
@@ -136,7 +167,9 @@ def run_job(model_spec: str, output: str | Path, recipe: Recipe, work_dir: str |
                          "seconds": rec["seconds"], "kl_before": rec["kl_before"], "kl_after": rec["kl_after"],
                          "codes_changed": rec["codes_changed"]})
 
-        stats = run_global_stages(model, fp_model, tok, recipe, wd, fresh, on_stage)
+        stats = run_global_stages(model, fp_model, tok, recipe, wd, fresh, on_stage, dist=dist)
+    if not main:
+        return None
     card = {"recipe": recipe.name,
             "calibration": f"{recipe.calibration.dataset} {recipe.calibration.nsamples}x{recipe.calibration.seqlen}"}
     if stats:

@@ -43,7 +43,9 @@ def _os_error(e: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # --nproc runs the same command again under torchrun
     try:
         return int(args.func(args) or 0)
     except AqlmkitError as e:

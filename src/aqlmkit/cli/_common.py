@@ -28,3 +28,20 @@ def check_positive(**values: int | None) -> None:
     for flag, v in values.items():
         if v is not None and v < 1:
             raise AqlmkitError(f"--{flag.replace('_', '-')} must be >= 1 (got {v})")
+
+
+def add_dist_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several processes (torch.distributed)")
+    g.add_argument("--nproc", type=int, help="run as N processes on this machine (one per GPU), via "
+                                              "torchrun; for several machines call torchrun -m aqlmkit")
+    g.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a rank may lag before the job stops naming it (default 1800)")
+
+
+def maybe_relaunch(args: argparse.Namespace) -> int | None:
+    """With ``--nproc N``: the exit status of the torchrun workers running this command, else None."""
+    if args.nproc is None:
+        return None
+    from aqlmkit.app.launch import relaunch
+
+    return relaunch(args.nproc, args.argv)

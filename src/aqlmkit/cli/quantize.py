@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from aqlmkit.cli._common import add_model_args, add_overwrite_arg
+from aqlmkit.cli._common import add_dist_args, add_model_args, add_overwrite_arg, maybe_relaunch
 from aqlmkit.app.recipes import RECIPES
 from aqlmkit.config import PRESETS
 
@@ -64,6 +64,7 @@ def register(sub) -> None:
     g.add_argument("--eval-tokens", type=int, help="PPL token budget per corpus (0: whole text)")
     g.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     g.add_argument("--baselines", action="store_true", help="add RTN and GPTQ rows at about the same bits")
+    add_dist_args(p)
     p.set_defaults(func=run)
 
 
@@ -102,8 +103,13 @@ def run(args) -> int:
 
     recipe = build_recipe(args.recipe, load_config_file(args.config), _overrides(args))
     check_recipe_device(recipe)
+    code = maybe_relaunch(args)
+    if code is not None:
+        return code
     rows = run_job(args.model, args.output, recipe, args.work_dir, fresh=args.fresh, dtype=args.dtype,
-                   evaluate=not args.no_eval, overwrite=args.overwrite)
+                   evaluate=not args.no_eval, overwrite=args.overwrite, dist_timeout=args.dist_timeout)
+    if rows is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     print(format_table(rows))
     print(f"saved {args.output}")
     return 0

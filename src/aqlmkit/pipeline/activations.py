@@ -84,6 +84,8 @@ def block_forward(block: nn.Module, x: torch.Tensor, kw: dict) -> torch.Tensor:
 def run_block(block: nn.Module, inps: torch.Tensor, kw: dict, device, micro_batch: int = 8,
               out_device=None, what: str = "block") -> torch.Tensor:
     """Outputs of ``block`` on all samples, computed in micro-batches on ``device``."""
+    if inps.shape[0] == 0:  # a rank whose shard is empty: decoder blocks keep the hidden shape
+        return inps.to(out_device or inps.device).clone()
     outs = []
     for s in range(0, inps.shape[0], micro_batch):
         y = block_forward(block, inps[s:s + micro_batch].to(device), kw)

@@ -7,6 +7,8 @@ does not change the AQ objective's minimiser, but keeps numbers tame in long run
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -35,11 +37,18 @@ class HessianAccumulator:
             self.counts[key] += x.shape[0]
         return hook
 
-    def finish(self, in_features: dict[tuple, int]) -> dict[tuple, tuple[torch.Tensor, int]]:
+    def finish(self, in_features: dict[tuple, int], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> dict[tuple, tuple[torch.Tensor, int]]:
         """Per group (names tuple): (H, tokens). A group that saw no token (an expert no calibration
-        token was routed to) gets the identity, i.e. plain weight MSE."""
+        token was routed to) gets the identity, i.e. plain weight MSE.
+
+        ``reduce`` (data-parallel calibration) sums each group's XᵀX and token count over the ranks
+        before normalising, in the groups' order, so every rank ends with the same H.
+        """
         for h in self.handles:
             h.remove()
+        if reduce is not None:
+            self._reduce(in_features, reduce)
         out = {}
         for key, dim in in_features.items():
             n = self.counts.get(key, 0)
@@ -52,3 +61,11 @@ class HessianAccumulator:
                                    "overflows in this dtype; retry with --dtype float32")
             out[key] = (h, n)
         return out
+
+    def _reduce(self, in_features: dict[tuple, int], reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for key, dim in in_features.items():
+            s = self.sums.get(key)
+            if s is None:  # this rank's shard routed no token here; the others may have
+                s = torch.zeros(dim, dim, dtype=torch.float32)
+            n = reduce(torch.tensor([self.counts.get(key, 0)], dtype=torch.int64))
+            self.sums[key], self.counts[key] = reduce(s), int(n.item())
