@@ -148,7 +148,7 @@ def main() -> None:
     record = {"device": dev, "date": dt.date.today().isoformat(), "torch": torch.__version__,
               "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "passthrough", "scheme")},
               "rows": results}
-    name = f"{dt.date.today().isoformat()}_{dev.replace(' ', '_')}_dist_calibration{'_quick' if args.quick else ''}.json"
+    name = f"{dt.date.today().isoformat()}_{dev.replace(' ', '_')}_dist_calibration_{args.schemes.replace(',', '+')}_w{args.worlds.replace(',', '+')}{'_quick' if args.quick else ''}.json"
     path = HERE.parent / "results" / name
     sys.path.insert(0, str(HERE.parents[1] / "src"))
     from aqlmkit.utils import atomic_save_json
