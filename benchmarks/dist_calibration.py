@@ -65,7 +65,7 @@ def worker(args) -> None:
     calib, layer, ft = configs(args)
     t0 = time.time()
     quantize_model(model, None, args.scheme, calib, layer, ft, args.out / "wd", resume=False,
-                   calibration_data=ids, progress=False, dist=dist)
+                   calibration_data=ids, progress=True, dist=dist)
     wall = time.time() - t0
     if dist is None or dist.is_main:
         stats = json.loads((args.out / "wd" / "manifest.json").read_text())["stats"]
@@ -96,9 +96,10 @@ def run(args, scheme: str, world: int | None, root: Path) -> dict:
                                                      f"--nproc_per_node={world}"]
     cmd = launch + [str(HERE), "--worker", "--scheme", scheme, "--out", str(out), *args.passthrough]
     t = time.time()
-    p = subprocess.run(cmd, env={**os.environ, **NO_MULTICAST}, capture_output=True, text=True)
+    print(f"--- {scheme} {'single process' if world is None else f'world {world}'}", flush=True)
+    p = subprocess.run(cmd, env={**os.environ, **NO_MULTICAST})  # progress streams to this log
     if p.returncode:
-        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr[-4000:]}")
+        sys.exit(f"{' '.join(cmd)} failed with exit status {p.returncode}")
     times = json.loads((out / "times.json").read_text())
     return {"world": world or 0, "process_seconds": round(time.time() - t, 1), **times, "dir": out}
 
