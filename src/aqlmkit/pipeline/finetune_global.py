@@ -12,10 +12,20 @@ Nothing here may make the model worse on held-out data than what it was given: e
 ``tolerance`` is rolled back to the best state (and the learning rates halve), a V-step that did
 not lower it is undone, and the best state seen is what the run leaves in ``student``.
 The state is checkpointed atomically every ``checkpoint_every`` steps (``work_dir``).
+
+Data-parallel (``dist`` with world > 1, one process per device under torchrun): every rank holds
+the whole model and takes a contiguous share of each step's batch rows; its loss is its rows'
+token-sum KL over the batch's token count, so losses and gradients summed over ranks (in rank
+order, one flat buffer per step) are the single-process ones up to summation order. Held-out
+rows are sharded the same way. Every rank then applies the same Adam step, straight-through
+update and V-step to the same bits, so the ranks never drift apart and every keep / rollback /
+undo decision is taken identically everywhere. Rank 0 alone writes the checkpoint; on resume it
+validates and loads it and broadcasts the state, which does not depend on the world size.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,8 +37,11 @@ from tqdm.auto import tqdm
 from aqlmkit.config import GlobalFinetuneConfig, PVConfig
 from aqlmkit.errors import AqlmkitError
 from aqlmkit.nn import QuantizedLinear
+from aqlmkit.kernels import reference
+from aqlmkit.pipeline.distributed import Dist
 from aqlmkit.pipeline.global_state import GlobalCheckpoint
 from aqlmkit.pipeline.pv_tuning import StraightThrough, quantized_layers, straight_through_forward
+from aqlmkit.utils import fault_point
 
 
 @dataclass
@@ -50,8 +63,18 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def _kl_from_logprobs(student_logits: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    return _token_kl(student_logits, t_logp).mean()
+
+
+def _token_kl(student_logits: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student) of every token position, in fp32."""
     s = F.log_softmax(student_logits.float(), -1)
-    return (t_logp.exp() * (t_logp - s)).sum(-1).mean()
+    return (t_logp.exp() * (t_logp - s)).sum(-1)
+
+
+def _sharded(dist: Dist | None) -> bool:
+    """True when work is split over several ranks; a world of one runs the single-process code."""
+    return dist is not None and dist.world > 1
 
 
 def p_step_params(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -74,10 +97,18 @@ def evaluate_kl(student, teacher, ids: torch.Tensor, device, batch_size: int = 1
 
 
 class _HeldOut:
-    """Held-out KL with the teacher's log-probs computed once (cached while they fit in 2 GiB)."""
+    """Held-out KL with the teacher's log-probs computed once (cached while they fit in 2 GiB).
 
-    def __init__(self, teacher, ids: torch.Tensor, device, batch_size: int) -> None:
-        self.teacher, self.ids, self.device, self.bs = teacher, ids, device, max(1, batch_size)
+    Data-parallel, each rank keeps only its shard of the rows, cut at batch boundaries so that
+    every batch's KL is computed on the same rows as in a single process; the per-rank totals
+    are summed (fp64, in rank order), so every rank gets the same mean and takes the same
+    keep / rollback decisions.
+    """
+
+    def __init__(self, teacher, ids: torch.Tensor, device, batch_size: int, dist: Dist | None = None) -> None:
+        self.bs, self.n, self.dist = max(1, batch_size), ids.shape[0], dist
+        lo, hi = dist.bounds(self.n, self.bs) if _sharded(dist) else (0, self.n)
+        self.teacher, self.ids, self.device = teacher, ids[lo:hi], device
         vocab = teacher.get_output_embeddings().out_features
         self.cache: list[torch.Tensor] | None = None
         if ids.numel() * vocab * 4 <= 2 ** 31:
@@ -96,7 +127,9 @@ class _HeldOut:
         for i, b in enumerate(self._batches()):
             t = self.cache[i] if self.cache is not None else self._teacher(b)
             total += _kl_from_logprobs(student(input_ids=b).logits, t).item() * b.shape[0]
-        return total / self.ids.shape[0]
+        if _sharded(self.dist):
+            total = float(self.dist.sum_(torch.tensor([total], dtype=torch.float64)).item())
+        return total / self.n
 
 
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -155,8 +188,12 @@ def check_teacher(student: nn.Module, teacher: nn.Module) -> None:
 def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: GlobalFinetuneConfig,
                     device="cpu", pv: PVConfig | None = None, val_ids: torch.Tensor | None = None,
                     work_dir: str | Path | None = None, resume: bool = True,
-                    progress: bool = True) -> GlobalStats:
-    """Distil ``teacher`` into ``student`` in place (P-steps, plus V-steps with ``pv``)."""
+                    progress: bool = True, dist: Dist | None = None) -> GlobalStats:
+    """Distil ``teacher`` into ``student`` in place (P-steps, plus V-steps with ``pv``).
+
+    With ``dist`` every rank calls this with the same model, data and settings (see the module
+    docstring); each returns the same stats and leaves the same student.
+    """
     val_ids = ids if val_ids is None else val_ids
     _check_inputs(ids, val_ids, cfg)
     check_teacher(student, teacher)
@@ -168,18 +205,17 @@ def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, c
     params = p_step_params(student)
     layers = quantized_layers(student)
     flags = {n: p.requires_grad for n, p in params.items()}
-    held_out = _HeldOut(teacher, val_ids, device, cfg.batch_size)
+    held_out = _HeldOut(teacher, val_ids, device, cfg.batch_size, dist)
     order = batch_order(ids.shape[0], cfg.steps, cfg.batch_size, cfg.seed)
     opt = torch.optim.Adam(list(params.values()), lr=cfg.lr, betas=(0.9, 0.95))
     st = StraightThrough(layers, pv) if pv is not None else None
     ckpt = GlobalCheckpoint(work_dir, cfg, pv, ids, val_ids) if work_dir is not None else None
-    run = _Run(student, params, layers, opt, st, held_out, cfg)
-    if ckpt is not None and resume and ckpt.exists():
-        ckpt.load(run)
-    else:
+    run = _Run(student, params, layers, opt, st, held_out, cfg, dist)
+    if not (ckpt is not None and resume and _resume(run, ckpt, dist)):
         run.start()
+    main = dist is None or dist.is_main
     bar = tqdm(total=cfg.steps, initial=run.step, desc="global finetune" + (" (PV)" if st else ""),
-               disable=not progress)
+               disable=not (progress and main))
     saved_at = run.step
     try:
         for p in params.values():
@@ -190,7 +226,8 @@ def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, c
             if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
                 run.evaluate()  # checkpoints fall on eval points, at least checkpoint_every apart
                 if ckpt is not None and (run.step - saved_at >= cfg.checkpoint_every or run.step == cfg.steps):
-                    ckpt.save(run)
+                    _on_main(dist, lambda: ckpt.save(run), "saving the global fine-tuning state")
+                    fault_point("global:saved")
                     saved_at = run.step
             bar.set_postfix(kl=f"{run.last_loss:.4f}", val=f"{run.best_kl:.4f}",
                             codes=run.stats.codes_changed)
@@ -203,15 +240,100 @@ def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, c
     return run.stats
 
 
+def _on_main(dist: Dist | None, fn, what: str):
+    """``fn()`` here without ranks, else on rank 0 with its result (or user error) on every rank."""
+    return fn() if dist is None else dist.on_main(fn, what)
+
+
+def _resume(run: "_Run", ckpt: GlobalCheckpoint, dist: Dist | None) -> bool:
+    """Load a saved state on rank 0 and hand it to every rank; False when there is none."""
+    def load() -> bool:
+        if not ckpt.exists():
+            return False
+        ckpt.load(run)
+        return True
+
+    loaded = _on_main(dist, load, "loading the global fine-tuning state")
+    if loaded and _sharded(dist):
+        _broadcast_run(run, dist)
+    return loaded
+
+
+@torch.no_grad()
+def _broadcast_run(run: "_Run", dist: Dist) -> None:
+    """Every rank takes rank 0's run state: tensors by broadcast, the small rest as one object."""
+    if not dist.is_main:
+        run.best = _snapshot(run.params, run.layers)  # the structure the broadcast fills
+    for p in run.params.values():
+        dist.broadcast_(p.data)
+    for m in run.layers:
+        dist.broadcast_(m.codes.data)
+        m.invalidate_kernel_cache()
+    for key in sorted(run.best):
+        dist.broadcast_(run.best[key])
+    if run.st is not None:
+        for key, t in sorted(run.st.state().items()):
+            dist.broadcast_(t)
+    rest = dist.broadcast_object(run.scalars() | {"opt": run.opt.state_dict()} if dist.is_main else None)
+    if not dist.is_main:
+        run.opt.load_state_dict(rest.pop("opt"))
+        run.load_scalars(rest)
+
+
+def _sum_grads(slots: list[torch.Tensor], loss: torch.Tensor, dist: Dist) -> float:
+    """Sum ``loss`` and the gradients of ``slots`` over ranks through one flat fp32 buffer.
+
+    Layout: [loss, one has-gradient flag per slot, each slot's gradient (zeros where it has
+    none)]. A slot gets the summed gradient wherever any rank had one, so every rank ends with
+    the set of gradients a single process would have (Adam skips parameters without one), even
+    a rank that had no rows. Returns the summed loss.
+    """
+    n, sizes = len(slots), [t.numel() for t in slots]
+    flat = torch.zeros(1 + n + sum(sizes), dtype=torch.float32, device=slots[0].device)
+    flat[0] = loss
+    off = 1 + n
+    for i, (t, k) in enumerate(zip(slots, sizes)):
+        if t.grad is not None:
+            flat[1 + i] = 1.0
+            flat[off:off + k] = t.grad.reshape(-1)
+        off += k
+    dist.sum_(flat)
+    had = flat[1:1 + n].tolist()
+    off = 1 + n
+    for t, k, h in zip(slots, sizes, had):
+        if h > 0:
+            g = flat[off:off + k].view(t.shape).to(t.dtype, copy=True)
+            if t.grad is None:
+                t.grad = g
+            else:
+                t.grad.copy_(g)
+        off += k
+    return float(flat[0].item())
+
+
 class _Run:
     """The mutable state of one global fine-tuning run (what a checkpoint holds)."""
 
-    def __init__(self, student, params, layers, opt, st, held_out, cfg: GlobalFinetuneConfig) -> None:
+    def __init__(self, student, params, layers, opt, st, held_out, cfg: GlobalFinetuneConfig,
+                 dist: Dist | None = None) -> None:
         self.student, self.params, self.layers, self.opt, self.st = student, params, layers, opt, st
-        self.held_out, self.cfg = held_out, cfg
+        self.held_out, self.cfg, self.dist = held_out, cfg, dist
         self.step, self.lr_scale, self.last_loss = 0, 1.0, float("nan")
         self.best_kl, self.best = float("inf"), {}
         self.stats = GlobalStats(float("nan"), float("nan"), 0)
+
+    def scalars(self) -> dict:
+        """Everything but tensors, as plain values (the broadcast of a resumed state)."""
+        return {"step": self.step, "lr_scale": self.lr_scale, "best_kl": self.best_kl,
+                "last_loss": self.last_loss, "st_steps": self.st.steps if self.st else 0,
+                "stats": copy.deepcopy(self.stats)}
+
+    def load_scalars(self, values: dict) -> None:
+        self.step, self.lr_scale = values["step"], values["lr_scale"]
+        self.best_kl, self.last_loss, self.stats = values["best_kl"], values["last_loss"], values["stats"]
+        if self.st is not None:
+            self.st.steps = values["st_steps"]
+        self._set_lr()
 
     def start(self) -> None:
         kl = self.held_out(self.student)
@@ -220,22 +342,64 @@ class _Run:
         self.stats.history.append({"step": 0, "val_kl": kl})
 
     def train_step(self, batch: torch.Tensor, teacher) -> None:
-        with torch.no_grad():
-            t_logits = teacher(input_ids=batch).logits
+        """One P-step (and straight-through step) on ``batch``, this rank's rows of it when sharded."""
+        tokens = batch.numel()
+        if _sharded(self.dist):
+            lo, hi = self.dist.bounds(batch.shape[0])
+            batch = batch[lo:hi]
         ctx = straight_through_forward(self.layers) if self.st is not None else contextlib.nullcontext()
-        with ctx, torch.enable_grad():
-            loss = kl_loss(self.student(input_ids=batch).logits, t_logits)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+        with ctx:
+            if _sharded(self.dist):
+                loss = self._sharded_backward(batch, teacher, tokens)
+            else:
+                with torch.no_grad():
+                    t_logits = teacher(input_ids=batch).logits
+                with torch.enable_grad():
+                    loss_t = kl_loss(self.student(input_ids=batch).logits, t_logits)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss_t.backward()
+                loss = loss_t.item()
             if self.st is not None:
                 self.st.accumulate()
         self.opt.step()
         for m in self.layers:  # codebooks/scales moved: packed kernel operands are stale
             m.invalidate_kernel_cache()
         self.step += 1
-        self.last_loss = loss.item()
+        self.last_loss = loss
         self.stats.steps = self.step
         self.stats.history.append({"step": self.step, "train_kl": self.last_loss})
+
+    def _sharded_backward(self, rows: torch.Tensor, teacher, tokens: int) -> float:
+        """Backward of this rank's share of the batch loss, then gradients summed over ranks.
+
+        The local loss is the token-sum KL of ``rows`` over the whole batch's ``tokens``, so
+        the sum over ranks is the batch's mean KL; returns that sum.
+        """
+        self.opt.zero_grad(set_to_none=True)
+        loss = torch.zeros((), dtype=torch.float32, device=self.dist.device)
+        if rows.shape[0]:
+            with torch.no_grad():
+                t_logp = F.log_softmax(teacher(input_ids=rows).logits.float(), -1)
+            with torch.enable_grad():
+                local = _token_kl(self.student(input_ids=rows).logits, t_logp).sum() / tokens
+                local.backward()
+            loss = local.detach()
+        return _sum_grads(self._grad_slots(), loss, self.dist)
+
+    def _grad_slots(self) -> list[torch.Tensor]:
+        """The tensors whose gradients the step uses: P-step params, then each layer's Ŵ (PV).
+
+        A rank that ran no rows has no Ŵ yet; it gets a detached one of the same value so the
+        summed straight-through gradient has a place to land (``accumulate`` reads both).
+        """
+        slots = list(self.params.values())
+        if self.st is not None:
+            for m in self.layers:
+                if getattr(m, "_st_weight", None) is None:
+                    with torch.no_grad():
+                        m._st_weight = reference.dequantize(m.codes, m.codebooks, m.scales).detach()
+                slots.append(m._st_weight)
+        return slots
 
     def _set_lr(self) -> None:
         for g in self.opt.param_groups:
