@@ -110,3 +110,34 @@ def test_resume_across_world_sizes(runs):
     assert runs["resumed_w2"]["stats"] == w2["stats"]
     for k, t in w2["state"].items():
         assert torch.equal(t, runs["resumed_w2"]["state"][k]), k
+
+
+@pytest.mark.slow
+def test_finetune_cli_nproc_matches_one_process(tiny_llama_dir, tmp_path):
+    """`aqlmkit finetune --nproc 2` (torchrun, gloo) saves the single-process student (PARAM_TOL)."""
+    from aqlmkit.cli import main
+
+    q = tmp_path / "q"
+    assert main(["quantize", "-m", str(tiny_llama_dir), "-o", str(q), "--scheme", "1x4g8", "--nsamples", "4",
+                 "--seqlen", "32", "--epochs", "1", "--finetune-epochs", "0", "--no-eval", "--no-global",
+                 "--work-dir", str(tmp_path / "wd")]) == 0
+    args = ["finetune", "-m", str(q), "--teacher", str(tiny_llama_dir), "--nsamples", "4", "--val-samples", "2",
+            "--seqlen", "32", "--lr", "1e-3", "--steps", "4", "--pv-steps", "4", "--eval-every", "2",
+            "--batch-size", "2"]
+    out = {}
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        out[name] = tmp_path / name
+        p = subprocess.run([sys.executable, "-m", "aqlmkit", *args, "-o", str(out[name]), "--work-dir",
+                            str(tmp_path / f"ftwd_{name}"), *extra], env=_env(), capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count("saved ") == 1, p.stdout  # rank 0 alone reports and writes
+    a = load_file(str(out["one"] / "model.safetensors"))
+    b = load_file(str(out["two"] / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            scale = a[k].float().abs().max().clamp_min(1e-12)
+            assert float((a[k].float() - b[k].float()).abs().max() / scale) <= PARAM_TOL, k
+        else:
+            assert torch.equal(a[k], b[k]), k

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -219,3 +220,32 @@ def test_quantize_cli_reports_every_stage_in_and_out_of_domain(tiny_llama_dir, t
     assert all(r["ppl"] > 1 and r["ood_ppl"] > 1 for r in rows)
     printed = capsys.readouterr().out
     assert "OOD PPL" in printed and "PV" in printed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_block_finetune_of_a_16bit_block_trains_in_fp32_and_keeps_dtypes(make_tiny_model, dtype):
+    """Adam on 16-bit parameters turns NaN (fp16: the squared gradients flush to zero, 0/0) or
+    stalls (bf16: lr-sized steps round away); the block must train anyway and come back 16-bit."""
+    from aqlmkit.config import FinetuneConfig
+    from aqlmkit.models import get_layout
+    from aqlmkit.pipeline.activations import capture_block_inputs, run_block
+    from aqlmkit.pipeline.block_finetune import finetune_block
+
+    model = make_tiny_model("llama", num_hidden_layers=1).to(dtype)
+    layout = get_layout(model)
+    inps, kws = capture_block_inputs(model, layout.blocks, _ids(8, 16), "cpu", "cpu")
+    block = layout.blocks[0]
+    target = run_block(block, inps, kws[0], "cpu")
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(dtype) * 0.02)
+    dtypes = {n: t.dtype for n, t in list(block.named_parameters()) + list(block.named_buffers())}
+    st = finetune_block(block, inps, target, kws[0], FinetuneConfig(epochs=6, lr=1e-4, val_fraction=0.25),
+                        "cpu", seed=0, progress=False)
+    assert math.isfinite(st.loss_after) and st.loss_after < 0.76 * st.loss_before
+    assert dtypes == {n: t.dtype for n, t in list(block.named_parameters()) + list(block.named_buffers())}
+    assert all(p.grad is None for p in block.parameters())
+    out = run_block(block, inps[-2:], kws[0], "cpu")
+    got = sum(float((o.float() - t.float()).pow(2).mean() / t.float().pow(2).mean())
+              for o, t in zip(out, target[-2:])) / 2
+    assert got == pytest.approx(st.loss_after, rel=1e-3)  # reported as stored, in the 16-bit dtype

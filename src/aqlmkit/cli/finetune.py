@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from aqlmkit.app.recipes import RECIPES
-from aqlmkit.cli._common import add_model_args, add_overwrite_arg
+from aqlmkit.cli._common import add_dist_args, add_model_args, add_overwrite_arg, maybe_relaunch
 
 # flag dest -> (recipe section, field); only flags the user gives override the recipe.
 _FLAGS = {
@@ -47,6 +47,7 @@ def register(sub) -> None:
     p.add_argument("--beam-size", type=int, help="beam of the V-step's code search")
     p.add_argument("--work-dir", help="resume state folder (default: in the aqlmkit cache)")
     p.add_argument("--fresh", action="store_true", help="discard a previous run's resume state")
+    add_dist_args(p)
     p.set_defaults(func=run)
 
 
@@ -65,29 +66,20 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def run(args) -> int:
-    from aqlmkit.app.job import check_recipe_device, default_work_dir, run_global_stages
+    from aqlmkit.app.finetune_job import run_finetune_job
+    from aqlmkit.app.job import check_recipe_device, default_work_dir
     from aqlmkit.app.recipes import build_recipe
-    from aqlmkit.errors import AqlmkitError
-    from aqlmkit.formats.aqlm_hf import check_output_dir, save_quantized
-    from aqlmkit.formats.loading import load_model
-    from aqlmkit.pipeline.finetune_global import check_teacher
-    from aqlmkit.pipeline.pv_tuning import quantized_layers
 
     recipe = build_recipe(args.recipe, None, _overrides(args))
     check_recipe_device(recipe)
-    check_output_dir(args.output, overwrite=args.overwrite, sources=[args.model, args.teacher])
-    student, tok = load_model(args.model, device=args.device, dtype=args.dtype)
-    layers = quantized_layers(student)
-    if not layers:
-        raise AqlmkitError(f"{args.model} is not an AQLM checkpoint (no quantized layers): quantize it "
-                           "first with `aqlmkit quantize`")
-    teacher, _ = load_model(args.teacher, device=args.device, dtype=args.dtype)
-    check_teacher(student, teacher)
+    code = maybe_relaunch(args)
+    if code is not None:
+        return code
     wd = Path(args.work_dir) if args.work_dir else default_work_dir(args.output) / "finetune"
-    stats = run_global_stages(student, teacher, tok, recipe, wd, args.fresh)
-    save_quantized(student, tok, args.output, layers[0].scheme,
-                   card={"finetune": ", ".join(f"{s['stage']} {s['steps']} steps" for s in stats)},
-                   overwrite=args.overwrite)
+    stats = run_finetune_job(args.model, args.teacher, args.output, recipe, wd, fresh=args.fresh,
+                             dtype=args.dtype, overwrite=args.overwrite, dist_timeout=args.dist_timeout)
+    if stats is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     for s in stats:
         print(f"{s['stage']:>6}: held-out KL {s['kl_before']:.5f} -> {s['kl_after']:.5f} ({s['steps']} steps, "
               f"{s['codes_changed']} code groups changed, {s['v_kept']} V-steps kept / {s['v_undone']} undone, "

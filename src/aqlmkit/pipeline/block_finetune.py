@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from aqlmkit.config import FinetuneConfig
 from aqlmkit.pipeline.activations import block_forward
+from aqlmkit.pipeline.precision import cast_floats, float32_training
 
 
 @dataclass
@@ -37,6 +38,12 @@ def trainable_params(block: nn.Module) -> list[nn.Parameter]:
     return params
 
 
+def _fwd(block: nn.Module, x: torch.Tensor, kw: dict, device) -> torch.Tensor:
+    """The block's output on ``x`` computed in the block's own dtype (float32 while it trains)."""
+    dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), x.dtype)
+    return block_forward(block, x.to(device=device, dtype=dtype), kw)
+
+
 def _rel_mse(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (y.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp_min(1e-20)
 
@@ -46,7 +53,7 @@ def _eval(block, inps, targets, idx, kw, device, mb) -> float:
     total = 0.0
     for s in range(0, len(idx), mb):
         b = idx[s:s + mb]
-        total += _rel_mse(block_forward(block, inps[b].to(device), kw), targets[b].to(device)).item() * len(b)
+        total += _rel_mse(_fwd(block, inps[b], kw, device), targets[b].to(device)).item() * len(b)
     return total / max(len(idx), 1)
 
 
@@ -62,7 +69,27 @@ def finetune_block(block: nn.Module, inps: torch.Tensor, targets: torch.Tensor, 
 
     With ``dist`` the rows are this rank's shard and the fine-tuning is data-parallel
     (``_Shards``): the same batches, losses and decisions as one process, up to summation order.
+    The block trains in float32 and keeps its own dtypes afterwards (``pipeline.precision``).
     """
+    original = None
+    with float32_training(block) as cast:
+        if cast:
+            original = {k: v.clone() for k, v in block.state_dict().items()}
+        stats = _finetune(block, inps, targets, cast_floats(kw, torch.float32), cfg, device, seed, desc,
+                          progress, dist)
+    if cast and stats.epochs:
+        # the kept state was judged in float32; report it as stored (rounded to the block's dtype)
+        shards = _Shards(dist, inps, targets) if dist is not None else None
+        val = _split(shards.n if shards is not None else inps.shape[0], cfg)[1]
+        evaluate = shards.eval if shards is not None else _eval
+        stats.loss_after = evaluate(block, inps, targets, val, kw, device, max(1, cfg.batch_size))
+        if stats.loss_after > stats.loss_before:  # the rounding undid the gain: keep the block as given
+            block.load_state_dict(original)
+            stats.loss_after = stats.loss_before
+    return stats
+
+
+def _finetune(block, inps, targets, kw, cfg, device, seed, desc, progress, dist) -> BlockFinetuneStats:
     if dist is not None:
         shards = _Shards(dist, inps, targets)
         train, val = _split(shards.n, cfg)
@@ -92,7 +119,7 @@ def finetune_block(block: nn.Module, inps: torch.Tensor, targets: torch.Tensor, 
                     last = shards.step(block, params, opt, b, kw, device)
                 else:
                     with torch.enable_grad():
-                        loss = _rel_mse(block_forward(block, inps[b].to(device), kw), targets[b].to(device))
+                        loss = _rel_mse(_fwd(block, inps[b], kw, device), targets[b].to(device))
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                     opt.step()
@@ -147,7 +174,7 @@ class _Shards:
         return 1.0 / (elems * max(float(self.power[b].sum()) / elems, 1e-20))
 
     def _num(self, block, rows: list[int], kw, device) -> torch.Tensor:
-        y = block_forward(block, self.inps[rows].to(device), kw)
+        y = _fwd(block, self.inps[rows], kw, device)
         return (y.float() - self.targets[rows].to(device).float()).pow(2).sum()
 
     def step(self, block, params, opt, b: list[int], kw, device) -> float:

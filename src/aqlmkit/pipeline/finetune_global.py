@@ -40,6 +40,7 @@ from aqlmkit.nn import QuantizedLinear
 from aqlmkit.kernels import reference
 from aqlmkit.pipeline.distributed import Dist
 from aqlmkit.pipeline.global_state import GlobalCheckpoint
+from aqlmkit.pipeline.precision import float32_training
 from aqlmkit.pipeline.pv_tuning import StraightThrough, quantized_layers, straight_through_forward
 from aqlmkit.utils import fault_point
 
@@ -192,8 +193,20 @@ def finetune_global(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, c
     """Distil ``teacher`` into ``student`` in place (P-steps, plus V-steps with ``pv``).
 
     With ``dist`` every rank calls this with the same model, data and settings (see the module
-    docstring); each returns the same stats and leaves the same student.
+    docstring); each returns the same stats and leaves the same student. The student trains in
+    float32 and keeps its own dtypes afterwards (``pipeline.precision``); the teacher runs as given.
     """
+    with float32_training(student) as cast:
+        stats = _finetune_global(student, teacher, ids, cfg, device, pv, val_ids, work_dir, resume, progress,
+                                 dist)
+    if cast:  # the kept state was judged in float32; report it as stored (rounded to its dtype)
+        stats.kl_after = evaluate_kl(student, teacher, ids if val_ids is None else val_ids, device,
+                                     cfg.batch_size)
+    return stats
+
+
+def _finetune_global(student, teacher, ids, cfg, device, pv, val_ids, work_dir, resume, progress,
+                     dist) -> GlobalStats:
     val_ids = ids if val_ids is None else val_ids
     _check_inputs(ids, val_ids, cfg)
     check_teacher(student, teacher)
