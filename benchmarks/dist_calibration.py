@@ -4,10 +4,17 @@ A Llama-2-7B-shaped model with random weights (``--blocks`` decoder blocks, fp16
 quantized by ``quantize_model`` once as a plain process and once per ``--worlds`` entry under
 torchrun (NCCL on CUDA, gloo on CPU), on the same random calibration tokens. Reported per scheme
 and world size: seconds per block (from the checkpoint's per-block stats), their ratio to the single
-process, and how far the quantized blocks differ (world 1 must be bit-identical).
-Writes benchmarks/results/<date>_<device>_dist_calibration.json.
+process, and how far the quantized blocks differ.
+
+GPU kernels (atomics in cuBLAS split-K, index_add) make two single-process runs differ too, and AQ
+search is chaotic: one flipped code changes later ones. So ``--repeats R`` runs the sequence
+(single, each world) R times interleaved, which measures single-vs-single agreement as the
+baseline for dist-vs-single, and pools the timings (the steady ratio leaves out each run's block
+0, which pays the process's warm-up). ``--deterministic`` runs every process with
+``torch.use_deterministic_algorithms`` (warn only) and CUBLAS_WORKSPACE_CONFIG=:4096:8.
+Writes benchmarks/results/<date>_<device>_dist_calibration_<schemes>_w<worlds>.json.
 Usage: PYTHONPATH=src python benchmarks/dist_calibration.py [--worlds 1,2] [--schemes 2x8g8,1x16g8]
-       [--quick]   (--quick: a small model on the CPU over gloo, to check the script)
+       [--repeats 2] [--deterministic] [--quick]   (--quick: a small model on the CPU over gloo)
 """
 from __future__ import annotations
 
@@ -57,6 +64,8 @@ def worker(args) -> None:
     from aqlmkit.pipeline.distributed import Dist, launched
     from aqlmkit.pipeline.quantize import quantize_model
 
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     dist = Dist.from_env(args.device, 1800) if launched() else None
     device = str(dist.device) if dist is not None else args.device
     model = build_model(args.shape, args.blocks, device, torch.float16 if "cuda" in device else torch.float32)
@@ -89,19 +98,50 @@ def compare(a: Path, b: Path) -> dict:
             "codes_differing_fraction": differ / max(total, 1)}
 
 
-def run(args, scheme: str, world: int | None, root: Path) -> dict:
-    out = root / f"{scheme}_{world or 'single'}"
+def run(args, scheme: str, world: int | None, root: Path, rep: int) -> dict:
+    out = root / f"{scheme}_{world or 'single'}_{rep}"
     out.mkdir(parents=True, exist_ok=True)
     launch = [sys.executable] if world is None else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={world}"]
     cmd = launch + [str(HERE), "--worker", "--scheme", scheme, "--out", str(out), *args.passthrough]
     t = time.time()
-    print(f"--- {scheme} {'single process' if world is None else f'world {world}'}", flush=True)
-    p = subprocess.run(cmd, env={**os.environ, **NO_MULTICAST})  # progress streams to this log
+    print(f"--- {scheme} {'single process' if world is None else f'world {world}'} (run {rep})", flush=True)
+    env = {**os.environ, **NO_MULTICAST, **({"CUBLAS_WORKSPACE_CONFIG": ":4096:8"} if args.deterministic else {})}
+    p = subprocess.run(cmd, env=env)  # progress streams to this log
     if p.returncode:
         sys.exit(f"{' '.join(cmd)} failed with exit status {p.returncode}")
     times = json.loads((out / "times.json").read_text())
     return {"world": world or 0, "process_seconds": round(time.time() - t, 1), **times, "dir": out}
+
+
+def _steady(runs: list[dict]) -> list[float]:
+    """Block seconds pooled over runs, without each run's block 0 (its process warm-up)."""
+    return [t for r in runs for t in (r["block_seconds"][1:] if len(r["block_seconds"]) > 1 else r["block_seconds"])]
+
+
+def _median(x: list[float]) -> float:
+    x = sorted(x)
+    return (x[(len(x) - 1) // 2] + x[len(x) // 2]) / 2
+
+
+def summarize(scheme: str, world: int | None, singles: list[dict], others: list[dict]) -> dict:
+    """One row: ``others`` (world ``world``, or the later single runs) against the first single run."""
+    ref, others = singles[0], (others if world is not None else singles[1:])
+    agree = [compare(ref["dir"] / "blocks.safetensors", o["dir"] / "blocks.safetensors") for o in others]
+    mean = lambda x: sum(x) / len(x)  # noqa: E731
+    row = {"scheme": scheme, "compared": f"world {world}" if world else "single (another run)",
+           "world": world or 0, "single_block_seconds": [r["block_seconds"] for r in singles],
+           "other_block_seconds": [r["block_seconds"] for r in others],
+           "steady_median_ratio_other_over_single": _median(_steady(others)) / _median(_steady(singles)),
+           "all_blocks_mean_ratio_other_over_single": mean([t for r in others for t in r["block_seconds"]])
+           / mean([t for r in singles for t in r["block_seconds"]]),
+           "loss_after_single": [r["loss_after"] for r in singles], "loss_after_other": [r["loss_after"] for r in others],
+           "agreement_with_first_single": agree}
+    print(f"{scheme} {row['compared']}: steady median {_median(_steady(others)):.1f} s/block vs single "
+          f"{_median(_steady(singles)):.1f} (ratio {row['steady_median_ratio_other_over_single']:.3f}); "
+          + "; ".join(f"bit-identical {a['bit_identical']}, max |dfloat| {a['max_abs_float_diff']:.2e}, codes differ "
+                      f"{a['codes_differing_fraction']:.2e}" for a in agree), flush=True)
+    return row
 
 
 def main() -> None:
@@ -119,32 +159,28 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=1)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--deterministic", action="store_true")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     if args.quick:
         args.device, args.shape, args.nsamples, args.seqlen, args.blocks = "cpu", "quick", 16, 64, 2
     args.passthrough = ["--blocks", str(args.blocks), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                         "--aq-epochs", str(args.aq_epochs), "--aq-steps", str(args.aq_steps), "--ft-epochs",
-                        str(args.ft_epochs), "--device", args.device, "--shape", args.shape]
+                        str(args.ft_epochs), "--device", args.device, "--shape", args.shape,
+                        *(["--deterministic"] if args.deterministic else [])]
     if args.worker:
         return worker(args)
     results = []
+    worlds = [int(x) for x in args.worlds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
-            single = run(args, scheme, None, Path(tmp))
-            for w in [int(x) for x in args.worlds.split(",")]:
-                r = run(args, scheme, w, Path(tmp))
-                agree = compare(single["dir"] / "blocks.safetensors", r["dir"] / "blocks.safetensors")
-                mean = lambda x: sum(x["block_seconds"]) / len(x["block_seconds"])  # noqa: E731
-                row = {"scheme": scheme, "world": w, "single_block_seconds": single["block_seconds"],
-                       "dist_block_seconds": r["block_seconds"], "single_wall": single["wall"], "dist_wall": r["wall"],
-                       "block_time_ratio_dist_over_single": mean(r) / mean(single),
-                       "loss_after_single": single["loss_after"], "loss_after_dist": r["loss_after"], **agree}
-                print(f"{scheme} world {w}: {mean(r):.1f} s/block vs single {mean(single):.1f} "
-                      f"(ratio {row['block_time_ratio_dist_over_single']:.3f}); bit-identical {agree['bit_identical']}, "
-                      f"max |dfloat| {agree['max_abs_float_diff']:.2e}, codes differ {agree['codes_differing_fraction']:.2e}",
-                      flush=True)
-                results.append(row)
+            runs = {w: [] for w in [None, *worlds]}
+            for rep in range(args.repeats):
+                for w in runs:
+                    runs[w].append(run(args, scheme, w, Path(tmp), rep))
+            results += [summarize(scheme, w, runs[None], runs[w]) for w in [None, *worlds]
+                        if w is not None or args.repeats > 1]
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     record = {"device": dev, "date": dt.date.today().isoformat(), "torch": torch.__version__,
               "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out", "passthrough", "scheme")},
